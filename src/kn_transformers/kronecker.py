@@ -561,16 +561,18 @@ def choose_kronecker_factors(
 ) -> FactorChoice:
     """The deterministic pick for a target parameter fraction.
 
-    Among the choices with at most ``target_fraction`` of the dense parameters, the one
-    with the most parameters (closest to the budget); ties go to fewer FLOPs, then to the
-    smaller ``a_shape``. Raises ``ValueError`` if nothing fits the budget.
+    The choice whose parameter count is closest to ``target_fraction`` of the dense matrix
+    (in ratio: 0.5x and 2x the target are equally far); ties go to fewer FLOPs, then to the
+    smaller ``a_shape`` and rank. Use :func:`kronecker_factor_choices` with ``max_fraction``
+    for a hard cap instead.
     """
     if not 0 < target_fraction < 1:
         raise ValueError(f"target_fraction must be in (0, 1), got {target_fraction}")
-    choices = kronecker_factor_choices(out_features, in_features, ranks, max_fraction=target_fraction)
+    choices = kronecker_factor_choices(out_features, in_features, ranks)
     if not choices:
         raise ValueError(
-            f"no Kronecker split of a {out_features}x{in_features} matrix has at most "
-            f"{target_fraction:.4g} of its parameters with ranks {tuple(ranks)}; raise target_fraction"
+            f"a {out_features}x{in_features} matrix has no Kronecker split with fewer parameters "
+            f"than the dense matrix for ranks {tuple(ranks)}; keep it dense"
         )
-    return choices[0]
+    target = target_fraction * out_features * in_features
+    return min(choices, key=lambda c: (round(abs(math.log(c.params / target)), 9), c.flops, c.a_shape, c.rank))

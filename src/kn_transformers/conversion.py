@@ -1,0 +1,126 @@
+"""Shared machinery for turning dense teacher modules into Kronecker ones, with a report.
+
+The model-specific entry points (``kngpt2_from_gpt2``, ``kronecker_bert_from_bert``) and their
+presets build on :func:`decompose_module` and :class:`CompressionReport`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .kronecker import KroneckerEmbedding, KroneckerLinear, _dense_weight
+
+
+@dataclass
+class ModuleReport:
+    """One decomposed matrix: ``shape`` is (out, in) for linears, (vocab, dim) for embeddings."""
+
+    name: str
+    kind: str  # "linear" | "embedding" | "dense" (kept as it was)
+    shape: tuple[int, int]
+    a_shape: Optional[tuple[int, int]]
+    b_shape: Optional[tuple[int, int]]
+    rank: int
+    params_before: int  # weight parameters only (biases are kept as they are)
+    params_after: int
+    rel_error: float  # ‖W − Σ A_r⊗B_r‖_F / ‖W‖_F
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+
+@dataclass
+class CompressionReport:
+    """Per-module results of a conversion, plus the model totals (all parameters counted)."""
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    total_params_before: int = 0
+    total_params_after: int = 0
+
+    @property
+    def compression(self) -> float:
+        return self.total_params_before / max(self.total_params_after, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "modules": [asdict(m) for m in self.modules],
+            "total_params_before": self.total_params_before,
+            "total_params_after": self.total_params_after,
+            "compression": self.compression,
+        }
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [
+            "| module | shape | A | B | rank | params before | params after | ratio | rel. error |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m in self.modules:
+            fmt = lambda s: "-" if s is None else f"{s[0]}×{s[1]}"  # noqa: E731
+            lines.append(
+                f"| {m.name} | {fmt(m.shape)} | {fmt(m.a_shape)} | {fmt(m.b_shape)} | {m.rank} | "
+                f"{m.params_before:,} | {m.params_after:,} | {m.ratio:.1f}x | {m.rel_error:.3f} |"
+            )
+        lines.append(
+            f"\nTotal parameters: {self.total_params_before:,} → {self.total_params_after:,} "
+            f"({self.compression:.2f}x smaller)"
+        )
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def decompose_module(
+    module: nn.Module,
+    name: str,
+    a_shape: Sequence[int],
+    rank: int = 1,
+    normalize: bool = False,
+    svd_dtype: torch.dtype = torch.float64,
+) -> tuple[nn.Module, ModuleReport]:
+    """Replace-ready Kronecker version of ``module`` (``nn.Linear``, ``Conv1D`` or ``nn.Embedding``).
+
+    Returns the new module and its :class:`ModuleReport` (relative Frobenius error of the
+    weight). Raises the core's ``ValueError`` when ``a_shape`` does not divide the weight.
+    """
+    if isinstance(module, nn.Embedding):
+        new = KroneckerEmbedding.from_dense(module, a_shape, rank=rank, normalize=normalize, svd_dtype=svd_dtype)
+        W, kind = module.weight, "embedding"
+    else:
+        W = _dense_weight(module)
+        new = KroneckerLinear.from_dense(module, a_shape, rank=rank, normalize=normalize, svd_dtype=svd_dtype)
+        kind = "linear"
+    approx = new.weight
+    err = (torch.linalg.norm((W - approx).double()) / torch.linalg.norm(W.double()).clamp_min(1e-30)).item()
+    report = ModuleReport(
+        name=name,
+        kind=kind,
+        shape=tuple(W.shape),
+        a_shape=tuple(new.a_shape),
+        b_shape=tuple(new.b_shape),
+        rank=rank,
+        params_before=W.numel(),
+        params_after=new.A.numel() + new.B.numel(),
+        rel_error=err,
+    )
+    return new, report
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Set the submodule at dotted path ``name`` of ``root`` to ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted once each (tied weights are shared tensors)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
