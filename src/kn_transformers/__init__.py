@@ -15,3 +15,4 @@ from .kronecker import (
     set_kronecker_autotune,
 )
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION, eager_attention_with_scores
+from .distillation import DISTILLATION_PRESETS, DistillationArguments, ILKDTrainer

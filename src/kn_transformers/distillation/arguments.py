@@ -1,0 +1,120 @@
+"""``DistillationArguments``: ``TrainingArguments`` plus the ILKD settings, and the papers' presets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+# The loss of each paper (all terms weight 1 where the paper uses them).
+# KnGPT2 (Edalati et al. 2022): MSE on the embedding output and on every layer's hidden state,
+# KL between attention distributions, KD on logits, cross-entropy on labels.
+# KroneckerBERT (Tahaei et al. 2022): MSE on the embedding output, on pre-softmax attention
+# scores and on each layer's FFN output, KD on logits, cross-entropy on labels.
+DISTILLATION_PRESETS: dict[str, dict] = {
+    "kngpt2": dict(
+        embedding_weight=1.0, hidden_weight=1.0, attention_weight=1.0, ffn_weight=0.0,
+        logits_weight=1.0, labels_weight=1.0, attention_loss="kl", temperature=1.0,
+    ),
+    "kroneckerbert": dict(
+        embedding_weight=1.0, hidden_weight=0.0, attention_weight=1.0, ffn_weight=1.0,
+        logits_weight=1.0, labels_weight=1.0, attention_loss="mse_scores", temperature=1.0,
+    ),
+}
+_DEFAULTS = DISTILLATION_PRESETS["kngpt2"]
+LOSS_TERMS = ("embedding", "hidden", "attention", "ffn", "logits", "labels")
+
+
+@dataclass
+class DistillationArguments(TrainingArguments):
+    """``TrainingArguments`` with the intermediate-layer distillation settings.
+
+    Every weight left unset takes the value of ``distill_preset`` (``"kngpt2"`` when no preset
+    is given). With ``HfArgumentParser`` these are ``--distill_preset kroneckerbert
+    --hidden_weight 0.5 ...`` flags, or keys of a JSON file.
+    """
+
+    distill_preset: Optional[str] = field(
+        default=None, metadata={"help": f"loss of a paper: one of {sorted(DISTILLATION_PRESETS)}"}
+    )
+    embedding_weight: Optional[float] = field(default=None, metadata={"help": "MSE on the embedding output"})
+    hidden_weight: Optional[float] = field(default=None, metadata={"help": "MSE on each mapped layer's hidden state"})
+    attention_weight: Optional[float] = field(default=None, metadata={"help": "attention term (see attention_loss)"})
+    ffn_weight: Optional[float] = field(default=None, metadata={"help": "MSE on each mapped layer's FFN output"})
+    logits_weight: Optional[float] = field(default=None, metadata={"help": "soft labels: KL (MSE for regression)"})
+    labels_weight: Optional[float] = field(default=None, metadata={"help": "hard labels: the student's own loss"})
+    attention_loss: Optional[str] = field(
+        default=None,
+        metadata={"help": "'kl' between attention distributions (KnGPT2) or 'mse_scores' on pre-softmax scores "
+                          "(KroneckerBERT)"},
+    )
+    temperature: Optional[float] = field(default=None, metadata={"help": "softmax temperature of the logits term"})
+    layer_map: str = field(
+        default="one_to_one",
+        metadata={"help": "'one_to_one', 'uniform' (TinyBERT: student layer i <- teacher layer i*N/M), or a "
+                          "JSON list of [student_layer, teacher_layer] pairs, 1-based"},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.distill_preset is not None and self.distill_preset not in DISTILLATION_PRESETS:
+            raise ValueError(
+                f"distill_preset {self.distill_preset!r} is unknown; use one of {sorted(DISTILLATION_PRESETS)} or None"
+            )
+        preset = DISTILLATION_PRESETS[self.distill_preset] if self.distill_preset else _DEFAULTS
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.attention_loss not in ("kl", "mse_scores"):
+            raise ValueError(f"attention_loss must be 'kl' or 'mse_scores', got {self.attention_loss!r}")
+        for term in LOSS_TERMS:
+            if getattr(self, f"{term}_weight") < 0:
+                raise ValueError(f"{term}_weight must be >= 0, got {getattr(self, f'{term}_weight')}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        parse_layer_map(self.layer_map, 1, 1, check=False)
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return {term: getattr(self, f"{term}_weight") for term in LOSS_TERMS}
+
+
+def parse_layer_map(spec, n_student: int, n_teacher: int, check: bool = True) -> list[tuple[int, int]]:
+    """Pairs ``(student_layer, teacher_layer)``, 1-based (layer 0 is the embedding output).
+
+    ``"one_to_one"`` needs equal depths; ``"uniform"`` maps student layer ``i`` to teacher
+    layer ``i * n_teacher // n_student`` (TinyBERT); a list (or its JSON) is taken as given.
+    """
+    if isinstance(spec, str) and spec not in ("one_to_one", "uniform"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError:
+            raise ValueError(f"layer_map must be 'one_to_one', 'uniform' or a JSON list of pairs, got {spec!r}") from None
+    if spec == "one_to_one":
+        if check and n_student != n_teacher:
+            raise ValueError(
+                f"layer_map 'one_to_one' needs equal depths, but the student has {n_student} layers and the teacher "
+                f"{n_teacher}; use layer_map='uniform' or an explicit list"
+            )
+        return [(i, i) for i in range(1, n_student + 1)]
+    if spec == "uniform":
+        if check and n_teacher % n_student:
+            raise ValueError(
+                f"layer_map 'uniform' needs the teacher depth ({n_teacher}) to be a multiple of the student's "
+                f"({n_student}); give an explicit list instead"
+            )
+        return [(i, i * n_teacher // max(n_student, 1)) for i in range(1, n_student + 1)]
+    try:
+        pairs = [(int(s), int(t)) for s, t in spec]
+    except (TypeError, ValueError):
+        raise ValueError(f"layer_map list must hold [student_layer, teacher_layer] pairs, got {spec!r}") from None
+    if check:
+        for s, t in pairs:
+            if not (1 <= s <= n_student and 1 <= t <= n_teacher):
+                raise ValueError(
+                    f"layer_map pair [{s}, {t}] is out of range: student layers are 1..{n_student}, "
+                    f"teacher layers 1..{n_teacher}"
+                )
+    return pairs
