@@ -16,3 +16,25 @@ from .kronecker import (
 )
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION, eager_attention_with_scores
 from .distillation import DISTILLATION_PRESETS, DistillationArguments, ILKDTrainer
+
+# --- KnGPT2 (issue 3) ---------------------------------------------------------------------
+from transformers import (  # noqa: E402
+    AutoConfig as _AutoConfig,
+    AutoModel as _AutoModel,
+    AutoModelForCausalLM as _AutoModelForCausalLM,
+    AutoModelForSequenceClassification as _AutoModelForSequenceClassification,
+)
+
+from .configuration_kngpt2 import KnGPT2Config  # noqa: E402
+from .convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2  # noqa: E402
+from .modeling_kngpt2 import (  # noqa: E402
+    KnGPT2ForSequenceClassification,
+    KnGPT2LMHeadModel,
+    KnGPT2Model,
+    KnGPT2PreTrainedModel,
+)
+
+_AutoConfig.register("kngpt2", KnGPT2Config, exist_ok=True)
+_AutoModel.register(KnGPT2Config, KnGPT2Model, exist_ok=True)
+_AutoModelForCausalLM.register(KnGPT2Config, KnGPT2LMHeadModel, exist_ok=True)
+_AutoModelForSequenceClassification.register(KnGPT2Config, KnGPT2ForSequenceClassification, exist_ok=True)

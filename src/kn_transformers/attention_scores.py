@@ -41,7 +41,9 @@ def eager_attention_with_scores(
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]]
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    # float32 at least (half precision overflows), float64 kept: its mask value would be -inf in float32
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    probs = probs.to(value.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     attn_output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return attn_output, scores

@@ -236,7 +236,7 @@ class ILKDTrainer(Trainer):
                 hidden_mse(self._student_state("ffn", s, s_ffn), t_ffn[t - 1], token_mask)
                 for s, t in self.layer_pairs
             )
-        if w["logits"] > 0:
+        if w["logits"] > 0 and ("logits" in s_out or "start_logits" in s_out):  # base models have none
             terms["logits"] = self._logits_term(s_out, t_out, token_mask)
         if w["labels"] > 0 and getattr(s_out, "loss", None) is not None:
             terms["labels"] = s_out.loss

@@ -1,0 +1,156 @@
+"""Configuration of KnGPT2: GPT-2 with some of its matrices stored as Kronecker products.
+
+A :class:`KnGPT2Config` is a :class:`~transformers.GPT2Config` plus a map saying which
+matrices are Kronecker products ``Σ_r A_r ⊗ B_r`` and with which factor shapes. Everything
+else (sizes, dropout, tokens, attention implementation) means what it means for GPT-2.
+
+This file imports transformers only, so that it can travel next to the modeling file when a
+model is saved with its code (``trust_remote_code``).
+"""
+
+import re
+from typing import Any
+
+from transformers import GPT2Config
+
+__all__ = ["KnGPT2Config", "KNGPT2_LAYER_MODULES"]
+
+#: The per-layer matrices that may be Kronecker, relative to a block ``h.<i>``.
+KNGPT2_LAYER_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+_LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
+
+
+class KnGPT2Config(GPT2Config):
+    r"""GPT-2 configuration with Kronecker-factored matrices.
+
+    kronecker_factors (`dict[str, dict]`, *optional*):
+        Which matrices are Kronecker products, keyed by their path inside the transformer:
+        ``"wte"`` (token embedding, ``(vocab_size, n_embd)``) and ``"h.<i>.attn.c_attn"``
+        (fused QKV, ``(3·n_embd, n_embd)``), ``"h.<i>.attn.c_proj"`` (``(n_embd, n_embd)``),
+        ``"h.<i>.mlp.c_fc"`` (``(n_inner, n_embd)``), ``"h.<i>.mlp.c_proj"`` (``(n_embd, n_inner)``).
+        Shapes are ``(out, in)`` (``nn.Linear`` layout, although GPT-2 stores ``Conv1D`` as
+        in × out). Each value is ``{"a_shape": [m1, n1], "rank": r}``: ``A`` is ``m1×n1``,
+        ``B`` is ``(out/m1)×(in/n1)``, ``r`` terms are summed (default 1). For ``"wte"``,
+        ``m1`` need not divide the vocabulary (the table is padded with unreachable rows,
+        see ``KroneckerEmbedding``). ``None`` or ``{}``: plain GPT-2.
+    kronecker_normalize (`bool`, *optional*, defaults to `False`):
+        Records whether the factors were initialised with Frobenius-norm rescaling
+        (Krony-PT's adaptive normalisation). Informational: it does not change the forward.
+    tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+        As for GPT-2. With a Kronecker ``"wte"``: `True` ties the LM head to the Kronecker
+        embedding and computes logits factored (``KroneckerEmbedding.logits``, no ``V×d``
+        matrix and no ``lm_head`` weight); `False` gives a dense, untied ``lm_head`` (the
+        KnGPT2 paper's choice).
+
+    Invalid maps (unknown module name, layer index out of range, shapes that do not divide,
+    a bad rank) raise ``ValueError`` naming the offending ``kronecker_factors`` entry.
+    """
+
+    model_type = "kngpt2"
+
+    kronecker_factors: dict[str, dict[str, Any]] | None = None
+    kronecker_normalize: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.kronecker_factors = self._normalized_kronecker_factors()
+
+    # ------------------------------------------------------------------------------------
+    # helpers
+    # ------------------------------------------------------------------------------------
+
+    def module_shape(self, name: str) -> tuple[int, int]:
+        """``(out, in)`` of the matrix at ``name`` (``(vocab_size, n_embd)`` for ``"wte"``).
+
+        Raises ``ValueError`` for a name that is not one of the Kronecker-able matrices or a
+        layer index outside ``[0, n_layer)``.
+        """
+        d = self.n_embd
+        inner = self.n_inner if self.n_inner is not None else 4 * d
+        if name == "wte":
+            return (self.vocab_size, d)
+        match = _LAYER_KEY.match(name)
+        if match is None or match.group(2) not in KNGPT2_LAYER_MODULES:
+            raise ValueError(
+                f"kronecker_factors[{name!r}]: unknown module name; use 'wte' or 'h.<layer>.<module>' "
+                f"with <module> one of {', '.join(KNGPT2_LAYER_MODULES)}"
+            )
+        layer = int(match.group(1))
+        if not 0 <= layer < self.n_layer:
+            raise ValueError(
+                f"kronecker_factors[{name!r}]: layer index {layer} is out of range for n_layer={self.n_layer} "
+                f"(valid: 0..{self.n_layer - 1})"
+            )
+        return {
+            "attn.c_attn": (3 * d, d),
+            "attn.c_proj": (d, d),
+            "mlp.c_fc": (inner, d),
+            "mlp.c_proj": (d, inner),
+        }[match.group(2)]
+
+    def kronecker_spec(self, name: str) -> dict[str, Any] | None:
+        """``{"a_shape": [m1, n1], "rank": r}`` for the matrix at ``name``, or ``None`` if dense."""
+        return (self.kronecker_factors or {}).get(name)
+
+    def _normalized_kronecker_factors(self) -> dict[str, dict[str, Any]] | None:
+        """Validate ``kronecker_factors`` and return it in canonical JSON-able form.
+
+        Canonical: ``{"a_shape": [int, int], "rank": int}`` per entry, ``"wte"`` first, then
+        layers in order. Raises ``ValueError`` naming the entry for anything invalid.
+        """
+        factors = self.kronecker_factors
+        if factors is None:
+            return None
+        if not isinstance(factors, dict):
+            raise ValueError(f"kronecker_factors must be a dict or None, got {type(factors).__name__}")
+        out = {}
+        for name, spec in factors.items():
+            field = f"kronecker_factors[{name!r}]"
+            if not isinstance(name, str):
+                raise ValueError(f"{field}: keys must be module names (str)")
+            m, n = self.module_shape(name)
+            if not isinstance(spec, dict) or "a_shape" not in spec:
+                raise ValueError(f'{field} must be a dict like {{"a_shape": [m1, n1], "rank": 1}}, got {spec!r}')
+            unknown = set(spec) - {"a_shape", "rank"}
+            if unknown:
+                raise ValueError(f"{field}: unknown keys {sorted(unknown)}; allowed: 'a_shape', 'rank'")
+            a_shape = spec["a_shape"]
+            if (
+                not isinstance(a_shape, (list, tuple))
+                or len(a_shape) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in a_shape)
+            ):
+                raise ValueError(f"{field}.a_shape must be two integers [m1, n1], got {a_shape!r}")
+            m1, n1 = int(a_shape[0]), int(a_shape[1])
+            if name == "wte":
+                if not (1 <= m1 <= m and n1 >= 1 and n % n1 == 0):
+                    raise ValueError(
+                        f"{field}.a_shape {[m1, n1]} does not fit the ({m}, {n}) embedding: "
+                        f"need 1 <= m1 <= {m} and n1 dividing n_embd={n}"
+                    )
+                m2 = -(-m // m1)
+            else:
+                if m1 < 1 or n1 < 1 or m % m1 or n % n1:
+                    raise ValueError(
+                        f"{field}.a_shape {[m1, n1]} does not divide the (out, in) weight shape ({m}, {n}): "
+                        f"m1 must divide {m} and n1 must divide {n}"
+                    )
+                m2 = m // m1
+            n2 = n // n1
+            rank = spec.get("rank", 1)
+            max_rank = min(m1 * n1, m2 * n2)
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
+                raise ValueError(
+                    f"{field}.rank {rank!r} is not possible for A {m1}x{n1} and B {m2}x{n2}: use 1..{max_rank}"
+                )
+            out[name] = {"a_shape": [m1, n1], "rank": rank}
+
+        def order(key: str):
+            if key == "wte":
+                return (-1, 0)
+            match = _LAYER_KEY.match(key)
+            return (int(match.group(1)), KNGPT2_LAYER_MODULES.index(match.group(2)))
+
+        return {k: out[k] for k in sorted(out, key=order)}
+
