@@ -1,0 +1,1 @@
+"""End-to-end recipes (``HfArgumentParser`` scripts); ``training/*.py`` and the CLI call their ``main``."""
