@@ -16,7 +16,6 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
-    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
 )
 

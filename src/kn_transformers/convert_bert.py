@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Optional
 
 import torch
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling, HfArgumentParser, default_data_collator, set_seed
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling, default_data_collator, set_seed
 from transformers.utils import logging
 
 from ..distillation import DistillationArguments, ILKDTrainer
-from ..hub import push_folder_to_hub
 from ..model_card import create_model_card
 from ..perplexity import sliding_window_perplexity
+from . import common
 from .students import convert_to_student, load_model, model_family
 
 logger = logging.get_logger(__name__)
@@ -57,11 +56,7 @@ class DataArguments:
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(argv)
+    return common.parse_args((ModelArguments, DataArguments, DistillationArguments), argv)
 
 
 def load_text(data_args: DataArguments):
@@ -173,11 +168,7 @@ def main(argv=None) -> dict:
                       f"{training_args.num_train_epochs} epochs, weights {training_args.loss_weights})."),
             report=getattr(student, "compression_report", None), repo_id=training_args.hub_model_id,
         )
-        card.save(os.path.join(training_args.output_dir, "README.md"))
-        if push:
-            push_folder_to_hub(training_args.output_dir, training_args.hub_model_id
-                               or os.path.basename(os.path.abspath(training_args.output_dir)),
-                               token=training_args.hub_token, private=training_args.hub_private_repo)
+        common.save_card_and_push(card, training_args, push)
     return metrics
 
 

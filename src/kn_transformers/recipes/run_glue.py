@@ -17,8 +17,6 @@ Hub's field names). Arguments may also be given as one JSON file.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,7 +24,6 @@ from datasets import Value
 from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     set_seed,
 )
@@ -34,8 +31,8 @@ from transformers.utils import logging
 
 from ..distillation import DistillationArguments, ILKDTrainer
 from ..glue import compute_metrics_for, get_task, load_glue
-from ..hub import push_folder_to_hub
 from ..model_card import create_model_card
+from . import common
 from .students import convert_to_student, load_model
 
 logger = logging.get_logger(__name__)
@@ -63,11 +60,7 @@ class DataArguments:
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(argv)
+    return common.parse_args((ModelArguments, DataArguments, DistillationArguments), argv)
 
 
 def main(argv=None) -> dict:
@@ -113,10 +106,15 @@ def main(argv=None) -> dict:
     if data_args.max_eval_samples:
         evals = {s: d.select(range(min(data_args.max_eval_samples, len(d)))) for s, d in evals.items()}
 
-    common = dict(model=model, args=training_args, train_dataset=train_ds,
-                  eval_dataset=evals.get(eval_splits[0]) if eval_splits else None, processing_class=tokenizer,
-                  data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics_for(task.name))
-    trainer = ILKDTrainer(teacher_model=teacher, **common) if teacher is not None else Trainer(**common)
+    trainer_kwargs = dict(
+        model=model, args=training_args, train_dataset=train_ds, processing_class=tokenizer,
+        eval_dataset=evals.get(eval_splits[0]) if eval_splits else None,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics_for(task.name),
+    )
+    if teacher is not None:
+        trainer = ILKDTrainer(teacher_model=teacher, **trainer_kwargs)
+    else:
+        trainer = Trainer(**trainer_kwargs)
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -149,11 +147,7 @@ def main(argv=None) -> dict:
             training=recipe, report=getattr(model, "compression_report", None),
             repo_id=training_args.hub_model_id,
         )
-        card.save(os.path.join(training_args.output_dir, "README.md"))
-        if push:
-            push_folder_to_hub(training_args.output_dir, training_args.hub_model_id
-                               or os.path.basename(os.path.abspath(training_args.output_dir)),
-                               token=training_args.hub_token, private=training_args.hub_private_repo)
+        common.save_card_and_push(card, training_args, push)
     return metrics
 
 
