@@ -3,18 +3,23 @@
 Every figure is a ratio measured in the same run: dense time / Kronecker time (>1 = faster).
 Shapes are GPT-2/BERT's (in → out) with the papers' factor splits and balanced ones.
 
-    python benchmarks/bench_kronecker.py [--threads 2] [--min-run-time 0.2] [--json out.json]
+    python benchmarks/bench_kronecker.py [--threads 2] [--min-run-time 0.2] [--repeats 3] [--json out.json]
+
+Each time is the median over ``--repeats`` rounds that alternate dense and Kronecker (each
+round a ``blocked_autorange`` median), so that load from other processes hits both alike.
+"strategy" is what ``order="auto"`` picked for inference / for training at that size.
 """
 
 import argparse
 import json
+import statistics
 
 import torch
 from torch import nn
 from torch.utils import benchmark
 
 from kn_transformers import KroneckerEmbedding, KroneckerLinear
-from kn_transformers.kronecker import kronecker_flops
+from kn_transformers.kronecker import _pick_order, kronecker_flops
 
 # (in_features, out_features, A shape (m1, n1), where the split comes from)
 LINEAR_CASES = [
@@ -40,7 +45,20 @@ def _time(stmt, glob, min_run_time):
     return benchmark.Timer(stmt=stmt, globals=glob).blocked_autorange(min_run_time=min_run_time).median
 
 
-def bench_linear(n_in, n_out, a_shape, tokens, min_run_time):
+def _rounds(jobs, min_run_time, repeats):
+    """Median over ``repeats`` rounds of each ``(name, stmt, globals)``, run alternately."""
+    runs = {name: [] for name, _, _ in jobs}
+    for _ in range(repeats):
+        for name, stmt, glob in jobs:
+            if name.startswith("fwd"):
+                with torch.no_grad():
+                    runs[name].append(_time(stmt, glob, min_run_time))
+            else:
+                runs[name].append(_time(stmt, glob, min_run_time))
+    return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def bench_linear(n_in, n_out, a_shape, tokens, min_run_time, repeats=3):
     torch.manual_seed(0)
     dense = nn.Linear(n_in, n_out)
     kron = KroneckerLinear(n_in, n_out, a_shape)
@@ -50,60 +68,67 @@ def bench_linear(n_in, n_out, a_shape, tokens, min_run_time):
     x = torch.randn(tokens, n_in)
     xg = x.clone().requires_grad_(True)
     g = torch.randn(tokens, n_out)
-    out = {}
+    # let "auto" time its strategies once (inference and training), outside the measurement
     with torch.no_grad():
-        kron(x)  # let "auto" time its two orders once, outside the measurement
-        out["fwd_dense"] = _time("m(x)", {"m": dense, "x": x}, min_run_time)
-        out["fwd_kron"] = _time("m(x)", {"m": kron, "x": x}, min_run_time)
+        kron(x)
+        strategy = _pick_order(x, kron.A, kron.B, tokens, True)
     kron(xg).backward(g)
+    strategy += "/" + _pick_order(xg, kron.A, kron.B, tokens, True)
     stmt = "m(x).backward(g)"
-    out["fb_dense"] = _time(stmt, {"m": dense, "x": xg, "g": g}, min_run_time)
-    out["fb_kron"] = _time(stmt, {"m": kron, "x": xg, "g": g}, min_run_time)
+    out = _rounds([
+        ("fwd_dense", "m(x)", {"m": dense, "x": x}),
+        ("fwd_kron", "m(x)", {"m": kron, "x": x}),
+        ("fb_dense", stmt, {"m": dense, "x": xg, "g": g}),
+        ("fb_kron", stmt, {"m": kron, "x": xg, "g": g}),
+    ], min_run_time, repeats)
+    out["strategy"] = strategy
     return flop_ratio, out
 
 
-def bench_embedding(vocab, dim, a_shape, tokens, min_run_time):
+def bench_embedding(vocab, dim, a_shape, tokens, min_run_time, repeats=3):
     torch.manual_seed(0)
     dense = nn.Embedding(vocab, dim)
     kron = KroneckerEmbedding(vocab, dim, a_shape)
     ids = torch.randint(0, vocab, (tokens,))
     g = torch.randn(tokens, dim)
-    out = {}
-    with torch.no_grad():
-        out["fwd_dense"] = _time("m(i)", {"m": dense, "i": ids}, min_run_time)
-        out["fwd_kron"] = _time("m(i)", {"m": kron, "i": ids}, min_run_time)
     stmt = "m(i).backward(g)"
-    out["fb_dense"] = _time(stmt, {"m": dense, "i": ids, "g": g}, min_run_time)
-    out["fb_kron"] = _time(stmt, {"m": kron, "i": ids, "g": g}, min_run_time)
-    return out
+    return _rounds([
+        ("fwd_dense", "m(i)", {"m": dense, "i": ids}),
+        ("fwd_kron", "m(i)", {"m": kron, "i": ids}),
+        ("fb_dense", stmt, {"m": dense, "i": ids, "g": g}),
+        ("fb_kron", stmt, {"m": kron, "i": ids, "g": g}),
+    ], min_run_time, repeats)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is reported")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, CPU. Speed-up = dense time / Kronecker time.\n")
     rows = []
-    print("| in→out | A (m1×n1) | B (m2×n2) | FLOP ratio | tokens | fwd speed-up | fwd+bwd speed-up | fwd dense ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| in→out | A (m1×n1) | B (m2×n2) | FLOP ratio | tokens | fwd speed-up | fwd+bwd speed-up | fwd dense ms "
+          "| strategy (infer/train) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n_in, n_out, a_shape, why in LINEAR_CASES:
         m2, n2 = n_out // a_shape[0], n_in // a_shape[1]
         for t in TOKENS:
-            ratio, r = bench_linear(n_in, n_out, a_shape, t, args.min_run_time)
+            ratio, r = bench_linear(n_in, n_out, a_shape, t, args.min_run_time, args.repeats)
             row = dict(kind="linear", n_in=n_in, n_out=n_out, a_shape=a_shape, b_shape=(m2, n2), why=why,
                        flop_ratio=ratio, tokens=t, fwd_speedup=r["fwd_dense"] / r["fwd_kron"],
                        fb_speedup=r["fb_dense"] / r["fb_kron"], **r)
             rows.append(row)
             print(f"| {n_in}→{n_out} | {a_shape[0]}×{a_shape[1]} | {m2}×{n2} | {ratio:.1f} | {t} | "
-                  f"{row['fwd_speedup']:.2f}x | {row['fb_speedup']:.2f}x | {r['fwd_dense'] * 1e3:.3f} |", flush=True)
+                  f"{row['fwd_speedup']:.2f}x | {row['fb_speedup']:.2f}x | {r['fwd_dense'] * 1e3:.3f} "
+                  f"| {r['strategy']} |", flush=True)
     print("\n| embedding | A | B | tokens | fwd speed-up | fwd+bwd speed-up | fwd dense µs |")
     print("|---|---|---|---|---|---|---|")
     for vocab, dim, a_shape, why in EMBEDDING_CASES:
         for t in TOKENS:
-            r = bench_embedding(vocab, dim, a_shape, t, args.min_run_time)
+            r = bench_embedding(vocab, dim, a_shape, t, args.min_run_time, args.repeats)
             row = dict(kind="embedding", vocab=vocab, dim=dim, a_shape=a_shape, why=why, tokens=t,
                        fwd_speedup=r["fwd_dense"] / r["fwd_kron"], fb_speedup=r["fb_dense"] / r["fb_kron"], **r)
             rows.append(row)

@@ -87,7 +87,9 @@ SHAPES = [  # (in, out, a_shape, rank)
 ]
 
 
-@pytest.mark.parametrize("order", ["b_first", "a_first", "auto"])
+@pytest.mark.parametrize(
+    "order", ["b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew", "auto"]
+)
 @pytest.mark.parametrize("n_in,n_out,a_shape,rank", SHAPES)
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (1, 1, 4)])
 def test_linear_matches_dense_values_and_gradients(order, n_in, n_out, a_shape, rank, lead):
@@ -119,7 +121,8 @@ def test_both_orders_agree_on_a_large_batch():
     A, B = random_factors(2, (6, 2), (64, 48))
     x = torch.randn(3, 7, 96, dtype=F64)
     ref = x @ kronecker_to_dense(A, B).T
-    for order in ("a_first", "b_first", "auto"):
+    for order in ("a_first", "b_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew",
+                  "auto"):
         assert (kronecker_matmul(x, A, B, order) - ref).abs().max() < 1e-10
 
 

@@ -141,15 +141,38 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
     Args:
         x: ``(..., n1*n2)``.
         A: ``(rank, m1, n1)``; B: ``(rank, m2, n2)``.
-        order: ``"b_first"``, ``"a_first"`` or ``"auto"`` (the faster, timed once per shape).
+        order: the contraction strategy: ``"auto"`` (the fastest, timed once per shape) or
+            one of :data:`KRONECKER_ORDERS`:
+
+            * ``"b_first"``: one flat matmul with ``B`` on the contiguous axis, then a
+              broadcast matmul with ``A``;
+            * ``"a_first"``: a broadcast matmul with ``A``, then one flat matmul with ``B``;
+            * ``"b_first_bmm"`` / ``"a_first_bmm"``: as ``b_first`` / ``a_first``, the
+              product with ``A`` one ``bmm`` call over the rows (no copies): fast when
+              ``A`` is small (e.g. 8×2 or 2×8);
+            * ``"b_first_t"``: as ``b_first``, but the intermediate is transposed (one small
+              copy) so that the product with ``A`` is also one flat matmul, and the output is
+              transposed back: fast when ``B`` has few rows (e.g. ``B`` 2×16);
+            * ``"b_first_ew"`` / ``"a_first_ew"``: the product with ``A`` as ``n1·rank``
+              fused multiply-add passes instead of ``N`` tiny matmuls: fast when ``A`` is
+              tiny (e.g. 2×2 or 2×8).
 
     Returns:
         ``(..., m1*m2)``.
 
-    Both orders are one flat matrix product against the factor acting on the contiguous
-    axis and one broadcast product with the other; the rank is folded into the inner
-    dimension of the second product, so a sum of terms costs two matmuls, not 2·rank.
+    Every strategy computes the same product; the rank is folded into the inner dimension
+    of the matmuls, so a sum of terms costs two matmuls, not 2·rank.
     """
+    return _kron_apply(x, A, B, order, None)
+
+
+# The contraction strategies (see kronecker_matmul); all compute the same product.
+KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew")
+
+
+def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ (Σ_r A_r ⊗ B_r)ᵀ (+ bias)``, the bias folded into the last step where possible."""
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
     lead = x.shape[:-1]
@@ -157,33 +180,153 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
         raise ValueError(f"input has {x.shape[-1]} features, the Kronecker factors expect {n1 * n2}")
     N = x.numel() // (n1 * n2)
     if order == "auto":
-        order = _pick_order(x, A, B, N)
-    if order == "b_first":
-        # (N*n1, n2) @ (n2, r*m2) -> (N, n1, r, m2) == (N, n1*r, m2) ; (m1, n1*r) @ that -> (N, m1, m2)
-        b_stack = B.reshape(r * m2, n2).T
-        t = x.reshape(N * n1, n2) @ b_stack
-        a_cat = A.permute(1, 2, 0).reshape(m1, n1 * r)
-        y = torch.matmul(a_cat, t.reshape(N, n1 * r, m2))
-    elif order == "a_first":
-        # (m1*r, n1) @ (N, n1, n2) -> (N, m1*r, n2) == (N*m1, r*n2) ; @ (r*n2, m2) -> (N*m1, m2)
-        a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)
-        t = torch.matmul(a_stack, x.reshape(N, n1, n2))
-        b_cat = B.permute(0, 2, 1).reshape(r * n2, m2)
-        y = t.reshape(N * m1, r * n2) @ b_cat
-    else:
-        raise ValueError(f"order must be 'auto', 'b_first' or 'a_first', got {order!r}")
+        order = _pick_order(x, A, B, N, bias is not None)
+    if order not in KRONECKER_ORDERS:
+        raise ValueError(f"order must be 'auto' or one of {KRONECKER_ORDERS}, got {order!r}")
+    y = _STRATEGY_FNS[order](x.reshape(N, n1, n2), A, B, bias)
     return y.reshape(*lead, m1 * m2)
 
 
-# Which contraction order is faster depends on the shapes and the matmul kernels more than
-# on FLOPs (up to 2x off): "auto" times both once per (shapes, rows rounded up to a power of
-# two, dtype, device) and remembers the winner. Both orders compute the same product.
+def _b_stage(x3: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``T[N, j1, r, i2] = Σ_j2 x[N, j1, j2] B_r[i2, j2]`` as one flat matmul: ``(N, n1*r, m2)``."""
+    N, n1, n2 = x3.shape
+    r, m2, _ = B.shape
+    t = x3.reshape(N * n1, n2) @ B.reshape(r * m2, n2).T
+    return t.view(N, n1 * r, m2)
+
+
+def _a_cat(A: torch.Tensor) -> torch.Tensor:
+    """``A`` as ``(m1, n1*r)``, column ``(j1, r)``: matches the middle axis of :func:`_b_stage`."""
+    r, m1, n1 = A.shape
+    return A.permute(1, 2, 0).reshape(m1, n1 * r)
+
+
+def _add_bias_(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # In place on a fresh matmul output (its backward does not need it): saves a full-size
+    # allocation and a pass compared with ``y + bias``.
+    if bias is None:
+        return y
+    m = bias.shape[0]
+    return y.view(-1, m).add_(bias)
+
+
+def _order_b_first(x3, A, B, bias):
+    N = x3.shape[0]
+    r, m1, n1 = A.shape
+    m2 = B.shape[1]
+    t = _b_stage(x3, B)  # (N, n1*r, m2)
+    y = torch.matmul(_a_cat(A), t)  # N broadcast (m1, n1*r) @ (n1*r, m2)
+    return _add_bias_(y.reshape(N, m1 * m2), bias)
+
+
+def _order_a_first(x3, A, B, bias):
+    N, n1, n2 = x3.shape
+    r, m1, _ = A.shape
+    m2 = B.shape[1]
+    # (m1*r, n1) @ (N, n1, n2) -> (N, m1*r, n2) == (N*m1, r*n2) ; @ (r*n2, m2) -> (N*m1, m2)
+    a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)
+    t = torch.matmul(a_stack, x3)
+    b_cat = B.permute(0, 2, 1).reshape(r * n2, m2)
+    y = t.reshape(N * m1, r * n2) @ b_cat
+    return _add_bias_(y.view(N, m1 * m2), bias)
+
+
+def _order_b_first_bmm(x3, A, B, bias):
+    N = x3.shape[0]
+    r, m1, n1 = A.shape
+    m2 = B.shape[1]
+    t = _b_stage(x3, B)  # (N, n1*r, m2)
+    a_cat = _a_cat(A)
+    y = torch.bmm(a_cat.expand(N, m1, n1 * r), t)  # one batched call, no copies
+    return _add_bias_(y.view(N, m1 * m2), bias)
+
+
+def _order_a_first_bmm(x3, A, B, bias):
+    N, n1, n2 = x3.shape
+    r, m1, _ = A.shape
+    m2 = B.shape[1]
+    a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)
+    t = torch.bmm(a_stack.expand(N, m1 * r, n1), x3)  # (N, m1*r, n2), contiguous
+    b_cat = B.permute(0, 2, 1).reshape(r * n2, m2)
+    y = t.view(N * m1, r * n2) @ b_cat
+    return _add_bias_(y.view(N, m1 * m2), bias)
+
+
+def _order_b_first_t(x3, A, B, bias):
+    N = x3.shape[0]
+    r, m1, n1 = A.shape
+    m2 = B.shape[1]
+    t = _b_stage(x3, B)  # (N, n1*r, m2)
+    tp = t.transpose(1, 2)  # (N, m2, n1*r), copied below
+    a_t = _a_cat(A).T  # (n1*r, m1)
+    if bias is not None:
+        # the bias rides in the matmul: one-hot columns on the left, bias rows on the right
+        eye = torch.eye(m2, dtype=t.dtype, device=t.device).expand(N, m2, m2)
+        tp = torch.cat([tp, eye], dim=2)
+        a_t = torch.cat([a_t, bias.view(m1, m2).T], dim=0)
+    k = tp.shape[2]
+    yp = tp.reshape(N * m2, k) @ a_t  # (N*m2, m1): rows (N, i2)
+    return yp.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)
+
+
+def _order_b_first_ew(x3, A, B, bias):
+    N = x3.shape[0]
+    r, m1, n1 = A.shape
+    m2 = B.shape[1]
+    t = _b_stage(x3, B)  # (N, n1*r, m2)
+    a_cat = _a_cat(A)  # (m1, n1*r)
+    y = None
+    for k in range(n1 * r):
+        tk = t[:, k:k + 1, :]  # (N, 1, m2)
+        ak = a_cat[:, k:k + 1].unsqueeze(0)  # (1, m1, 1)
+        if y is None:
+            y = torch.addcmul(bias.view(1, m1, m2), tk, ak) if bias is not None else tk * ak
+        else:
+            y.addcmul_(tk, ak)
+    return y.reshape(N, m1 * m2)
+
+
+def _order_a_first_ew(x3, A, B, bias):
+    N, n1, n2 = x3.shape
+    r, m1, _ = A.shape
+    m2 = B.shape[1]
+    a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)  # rows (i1, r)
+    t = None
+    for j in range(n1):
+        xj = x3[:, j:j + 1, :]  # (N, 1, n2)
+        aj = a_stack[:, j:j + 1].unsqueeze(0)  # (1, m1*r, 1)
+        if t is None:
+            t = xj * aj
+        else:
+            t.addcmul_(xj, aj)
+    b_cat = B.permute(0, 2, 1).reshape(r * n2, m2)
+    y = t.reshape(N * m1, r * n2) @ b_cat
+    return _add_bias_(y.view(N, m1 * m2), bias)
+
+
+_STRATEGY_FNS = {
+    "b_first": _order_b_first,
+    "a_first": _order_a_first,
+    "b_first_t": _order_b_first_t,
+    "b_first_bmm": _order_b_first_bmm,
+    "a_first_bmm": _order_a_first_bmm,
+    "b_first_ew": _order_b_first_ew,
+    "a_first_ew": _order_a_first_ew,
+}
+
+
+# Which strategy is fastest depends on the shapes and the matmul kernels more than on FLOPs
+# (up to 2x off, and N tiny matmuls are slow whatever their FLOPs): "auto" times the
+# candidates once per (shapes, rows rounded up to a power of two, dtype, device, bias,
+# training) and remembers the winner. In training (grad enabled and something requires
+# grad) it times forward+backward, since that is what a step pays.
 _ORDER_CACHE: dict = {}
 _AUTOTUNE = True
 
 
 def set_kronecker_autotune(enabled: bool) -> None:
-    """Turn timing-based order selection on (default) or off (then the FLOP count decides)."""
+    """Turn timing-based order selection on (default) or off (then the FLOP count decides the
+    order, deterministically)."""
     global _AUTOTUNE
     _AUTOTUNE = bool(enabled)
     _ORDER_CACHE.clear()
@@ -194,37 +337,105 @@ def _flop_order(A: torch.Tensor, B: torch.Tensor) -> str:
     return "b_first" if fb <= fa else "a_first"
 
 
-def _pick_order(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int) -> str:
-    if not _AUTOTUNE or rows == 0 or x.device.type == "meta" or torch.compiler.is_compiling():
-        return _flop_order(A, B)
-    bucket = 1 << max(rows - 1, 0).bit_length()
-    key = (tuple(A.shape), tuple(B.shape), bucket, x.dtype, x.device.type)
-    order = _ORDER_CACHE.get(key)
-    if order is None:
-        order = _ORDER_CACHE[key] = _time_orders(A.detach(), B.detach(), bucket, x.dtype, x.device)
+def _default_order(A: torch.Tensor, B: torch.Tensor) -> str:
+    """The FLOP-cheaper order; with a small ``A`` on the batched side, its one-call bmm form
+    (measured never slower here than ``torch.matmul``'s broadcast, often 1.5-2x faster)."""
+    r, m1, n1 = A.shape
+    order = _flop_order(A, B)
+    if order == "b_first" and m1 <= 16:
+        return "b_first_bmm"
+    if order == "a_first" and m1 * r <= 16:
+        return "a_first_bmm"
     return order
 
 
-def _time_orders(A, B, rows, dtype, device) -> str:
+def _candidates(A: torch.Tensor, B: torch.Tensor) -> list[str]:
+    """The strategies worth timing: the two orders, and the variants that suit tiny factors.
+
+    An order with more than three times the other's FLOPs is not tried (it never wins, and
+    timing it under load could only pick it by mistake).
+    """
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    fb, fa = kronecker_flops(m1, n1, m2, n2, r)
+    out = []
+    if fb <= 3 * fa:
+        out.append("b_first")
+        if m1 <= 64:
+            out.append("b_first_bmm")  # N batched (m1, n1*r) @ (n1*r, m2) in one call
+        if m2 <= 64:
+            out.append("b_first_t")  # few output columns per A-block: transpose to flat matmuls
+        if n1 * r <= 8:
+            out.append("b_first_ew")  # A tiny: a few fused passes beat N tiny matmuls
+    if fa <= 3 * fb:
+        out.append("a_first")
+        if m1 * r <= 64:
+            out.append("a_first_bmm")
+        if n1 <= 16:
+            out.append("a_first_ew")
+    return out
+
+
+def _pick_order(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int, has_bias: bool = False) -> str:
+    if not _AUTOTUNE or rows == 0 or x.device.type == "meta" or torch.compiler.is_compiling():
+        return _default_order(A, B)
+    train = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)
+    bucket = 1 << max(rows - 1, 0).bit_length()
+    key = (tuple(A.shape), tuple(B.shape), bucket, x.dtype, x.device.type, has_bias, train)
+    order = _ORDER_CACHE.get(key)
+    if order is None:
+        order = _ORDER_CACHE[key] = _time_orders(A.detach(), B.detach(), bucket, x.dtype, x.device,
+                                                 has_bias, train)
+    return order
+
+
+def _time_orders(A, B, rows, dtype, device, has_bias: bool = False, train: bool = False) -> str:
     n = A.shape[2] * B.shape[2]
-    x = torch.ones(rows, n, dtype=dtype, device=device)  # no RNG draw: training stays reproducible
+    m = A.shape[1] * B.shape[1]
+    # no RNG draw: training stays reproducible
+    x = torch.ones(rows, n, dtype=dtype, device=device)
+    bias = torch.zeros(m, dtype=dtype, device=device) if has_bias else None
+    if train:
+        A, B = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+        x.requires_grad_(True)
+        if bias is not None:
+            bias.requires_grad_(True)
+        g = torch.ones(rows, m, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {}
-    with torch.no_grad():
-        for order in ("b_first", "a_first"):
-            kronecker_matmul(x, A, B, order)  # warm-up
-            runs = []
-            for _ in range(3):
-                sync()
-                t0 = time.perf_counter()
-                kronecker_matmul(x, A, B, order)
-                sync()
-                runs.append(time.perf_counter() - t0)
-            times[order] = sorted(runs)[1]
-    flop_order = _flop_order(A, B)
-    other = "a_first" if flop_order == "b_first" else "b_first"
-    # keep the FLOP choice unless the other order is clearly (5%) faster
-    return other if times[other] < 0.95 * times[flop_order] else flop_order
+
+    def run(order):
+        if train:
+            with torch.enable_grad():
+                _kron_apply(x, A, B, order, bias).backward(g)
+        else:
+            with torch.no_grad():
+                _kron_apply(x, A, B, order, bias)
+
+    # Rounds over all candidates, best of each: load from other processes only ever adds
+    # time, and alternating spreads it over the candidates alike.
+    cands = _candidates(A, B)
+    times = {order: math.inf for order in cands}
+    t0 = time.perf_counter()
+    for order in cands:
+        run(order)  # warm-up
+    sync()
+    # 5 to 50 rounds: about 50 ms in all for small shapes, and under load at most about
+    # 1 s after the fifth round
+    rounds = min(50, max(5, int(0.05 / max(time.perf_counter() - t0, 1e-6))))
+    start = time.perf_counter()
+    for i in range(rounds):
+        if i >= 5 and time.perf_counter() - start > 1.0:
+            break
+        for order in cands:
+            sync()
+            t0 = time.perf_counter()
+            run(order)
+            sync()
+            times[order] = min(times[order], time.perf_counter() - t0)
+    default = _default_order(A, B)
+    best = min(times, key=times.get)
+    # keep the default unless another strategy is clearly (5%) faster
+    return best if times[best] < 0.95 * times[default] else default
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,7 +463,8 @@ class KroneckerLinear(nn.Module):
         a_shape: ``(m1, n1)``, the shape of each ``A_r``; ``B_r`` is ``(m/m1, n/n1)``.
         rank: number of Kronecker terms summed.
         bias: learn an additive bias of size ``out_features``.
-        order: contraction order, ``"auto"`` (timed once per shape), ``"b_first"`` or ``"a_first"``.
+        order: contraction strategy, ``"auto"`` (timed once per shape) or one of
+            ``KRONECKER_ORDERS`` (see :func:`kronecker_matmul`).
 
     Parameters ``A`` (rank, m1, n1) and ``B`` (rank, m2, n2). The forward accepts any
     number of leading dimensions and never materialises the ``(m, n)`` weight.
@@ -273,8 +485,8 @@ class KroneckerLinear(nn.Module):
         m1, n1, m2, n2 = _check_split(out_features, in_features, a_shape, "(out_features, in_features)")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        if order not in ("auto", "b_first", "a_first"):
-            raise ValueError(f"order must be 'auto', 'b_first' or 'a_first', got {order!r}")
+        if order != "auto" and order not in KRONECKER_ORDERS:
+            raise ValueError(f"order must be 'auto' or one of {KRONECKER_ORDERS}, got {order!r}")
         self.in_features, self.out_features = in_features, out_features
         self.a_shape, self.b_shape, self.rank = (m1, n1), (m2, n2), rank
         factory = {"device": device, "dtype": dtype}
@@ -305,10 +517,7 @@ class KroneckerLinear(nn.Module):
         return kronecker_to_dense(self.A, self.B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kronecker_matmul(x, self.A, self.B, self.order)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        return _kron_apply(x, self.A, self.B, self.order, self.bias)
 
     @classmethod
     def from_dense(
