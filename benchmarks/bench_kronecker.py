@@ -13,6 +13,7 @@ round a ``blocked_autorange`` median), so that load from other processes hits bo
 import argparse
 import json
 import statistics
+import sys
 
 import torch
 from torch import nn
@@ -100,13 +101,31 @@ def bench_embedding(vocab, dim, a_shape, tokens, min_run_time, repeats=3):
     ], min_run_time, repeats)
 
 
+class _Tee:
+    """Write to the console and to a file alike."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the median is reported")
+    p.add_argument("--markdown", help="also write the printed tables to this file (RESULTS.md includes it)")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
+    if args.markdown:
+        sys.stdout = _Tee(sys.stdout, open(args.markdown, "w"))
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, CPU. Speed-up = dense time / Kronecker time.\n")
     rows = []

@@ -117,17 +117,35 @@ def measure(name: str, threads: int, repeats: int) -> dict:
     return out
 
 
+class _Tee:
+    """Write to the console and to a file alike."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", choices=sorted(MODELS))
+    p.add_argument("--markdown", help="also write the printed tables to this file (RESULTS.md includes it)")
     p.add_argument("--json")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._one:
         print(json.dumps(measure(args._one, args.threads, args.repeats)))
         return
+    if args.markdown:
+        sys.stdout = _Tee(sys.stdout, open(args.markdown, "w"))
     rows = []
     for family in [args.only] if args.only else list(MODELS):
         for name in MODELS[family]:
