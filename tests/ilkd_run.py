@@ -58,3 +58,13 @@ if __name__ == "__main__":
     torch.save(state, os.path.join(out, f"student-rank{rank}.pt"))
     with open(os.path.join(out, f"log-rank{rank}.json"), "w") as f:
         json.dump(trainer.state.log_history, f)
+    # how the two models were placed: the student wrapped for data parallelism, the teacher not
+    ddp = torch.nn.parallel.DistributedDataParallel
+    placement = {
+        "student_wrapped_in_ddp": isinstance(trainer.model_wrapped, ddp),
+        "teacher_wrapped_in_ddp": isinstance(trainer.teacher_model, ddp),
+        "teacher_trainable_params": sum(p.requires_grad for p in trainer.teacher_model.parameters()),
+        "teacher_training_mode": trainer.teacher_model.training,
+    }
+    with open(os.path.join(out, f"placement-rank{rank}.json"), "w") as f:
+        json.dump(placement, f)

@@ -207,6 +207,12 @@ def test_resume_matches_an_uninterrupted_run_projections_included(tmp_path):
                   resume_from=str(tmp_path / "cut" / "checkpoint-3"))
     sf, sr = full.model.state_dict(), resumed.model.state_dict()
     assert any(k.startswith("ilkd_projections.") for k in sr)
+    # the checkpoint holds the student and its projections, never the teacher
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "cut" / "checkpoint-3" / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == set(sr) - {"lm_head.weight"}  # GPT-2's head is tied to wte and stored once
     assert max((sf[k] - sr[k]).abs().max().item() for k in sf) < 1e-6
 
 
@@ -248,6 +254,10 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert max((r0[k] - s[k]).abs().max().item() for k in r0) < 1e-5
     log = json.loads((tmp_path / "ddp" / "log-rank0.json").read_text())
     assert all("loss_hidden" in h for h in log if "loss" in h)
+    for rank in (0, 1):
+        placement = json.loads((tmp_path / "ddp" / f"placement-rank{rank}.json").read_text())
+        assert placement == {"student_wrapped_in_ddp": True, "teacher_wrapped_in_ddp": False,
+                             "teacher_trainable_params": 0, "teacher_training_mode": False}
 
 
 def test_classification_stage_two_with_mse_scores_and_ffn(tmp_path):
