@@ -22,6 +22,8 @@ from torch.utils import benchmark
 from kn_transformers import KroneckerEmbedding, KroneckerLinear
 from kn_transformers.kronecker import _pick_order, kronecker_flops
 
+from _tee import Tee  # benchmarks/_tee.py (the script folder is on sys.path)
+
 # (in_features, out_features, A shape (m1, n1), where the split comes from)
 LINEAR_CASES = [
     (768, 768, (2, 2), "paper: KnGPT2 factor 2 / KroneckerBERT5-like"),
@@ -101,21 +103,6 @@ def bench_embedding(vocab, dim, a_shape, tokens, min_run_time, repeats=3):
     ], min_run_time, repeats)
 
 
-class _Tee:
-    """Write to the console and to a file alike."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for s in self.streams:
-            s.write(text)
-
-    def flush(self):
-        for s in self.streams:
-            s.flush()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -125,7 +112,7 @@ def main():
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     if args.markdown:
-        sys.stdout = _Tee(sys.stdout, open(args.markdown, "w"))
+        sys.stdout = Tee(sys.stdout, open(args.markdown, "w"))
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, CPU. Speed-up = dense time / Kronecker time.\n")
     rows = []

@@ -21,6 +21,9 @@ import sys
 import tempfile
 import time
 
+from _tee import Tee  # benchmarks/_tee.py (the script folder is on sys.path)
+
+
 MODELS = {
     "gpt2": ["gpt2-small", "kngpt2-paper", "kngpt2-distil-size-dense-head", "kngpt2-distil-size-tied-head",
              "gpt2-6-layer"],
@@ -117,21 +120,6 @@ def measure(name: str, threads: int, repeats: int) -> dict:
     return out
 
 
-class _Tee:
-    """Write to the console and to a file alike."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for s in self.streams:
-            s.write(text)
-
-    def flush(self):
-        for s in self.streams:
-            s.flush()
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -145,7 +133,7 @@ def main():
         print(json.dumps(measure(args._one, args.threads, args.repeats)))
         return
     if args.markdown:
-        sys.stdout = _Tee(sys.stdout, open(args.markdown, "w"))
+        sys.stdout = Tee(sys.stdout, open(args.markdown, "w"))
     rows = []
     for family in [args.only] if args.only else list(MODELS):
         for name in MODELS[family]:
