@@ -340,3 +340,32 @@ def test_kronecker_student_distils_better_than_labels_alone(tmp_path):
     after_ce = _hidden_mse_to_teacher(labels_only.eval(), teacher, held_out)
     print(f"\nhidden-state MSE to the teacher: init {before:.4f}, ILKD {after_ilkd:.4f}, labels only {after_ce:.4f}")
     assert after_ilkd < before and after_ilkd < after_ce
+
+
+def test_logits_only_kd_allows_other_depths_and_hooks_do_not_outlive_a_step(tmp_path):
+    """DistilGPT2-style KD (logits + labels) between a 2-layer teacher and a 1-layer student; the
+    FFN hooks of a kroneckerbert-style run are gone after training, so a reused teacher is clean."""
+    teacher, _ = tiny_pair()
+    shallow = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=32))
+    common = dict(per_device_train_batch_size=8, max_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+                  save_strategy="no", logging_steps=1)
+    args = DistillationArguments(output_dir=str(tmp_path / "a"), embedding_weight=0, hidden_weight=0,
+                                 attention_weight=0, ffn_weight=0, **common)
+    trainer = ILKDTrainer(model=shallow, teacher_model=teacher, args=args, train_dataset=lm_dataset(32))
+    trainer.train()
+    assert {"loss_logits", "loss_labels"} <= trainer.state.log_history[0].keys()
+    assert "loss_hidden" not in trainer.state.log_history[0]
+
+    _, student = tiny_pair()  # narrower: projections are hooked on the student too
+    args = DistillationArguments(output_dir=str(tmp_path / "b"), distill_preset="kroneckerbert", **common)
+
+    def hooks(model):  # transformers installs its own output-capturing hooks once; ours must not stay
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    counts = []
+    for _ in range(2):  # the same teacher in two trainers
+        ILKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=lm_dataset(32)).train()
+        assert not any(m._forward_hooks for name, m in teacher.named_modules() if name.endswith("mlp"))
+        assert not student._forward_hooks
+        counts.append((hooks(teacher), hooks(student)))
+    assert counts[0] == counts[1]

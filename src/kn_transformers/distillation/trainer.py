@@ -14,6 +14,7 @@ and evaluation (``loss_hidden``, ``eval_loss_hidden``, ...).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections import defaultdict
@@ -105,7 +106,10 @@ class ILKDTrainer(Trainer):
         self.weights = args.loss_weights
         s_cfg, t_cfg = model.config, teacher_model.config
         self._check_compatible(model, teacher_model)
-        self.layer_pairs = parse_layer_map(args.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+        # layers are matched only when a layer term is used (logits-only KD may change depth freely)
+        layered = any(self.weights[t] > 0 for t in ("hidden", "attention", "ffn"))
+        self.layer_pairs = (parse_layer_map(args.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+                            if layered else [])
         if self.weights["attention"] > 0:
             for who, m in (("student", model), ("teacher", teacher_model)):
                 try:
@@ -137,14 +141,14 @@ class ILKDTrainer(Trainer):
         teacher_model.requires_grad_(False)
         teacher_model.eval()
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        # hooks live only for the duration of one compute_loss (see _capture): a teacher reused by
+        # several trainers does not accumulate them
         self._ffn_outputs = {"student": [], "teacher": []}
+        self._ffn_modules = {}
         if self.weights["ffn"] > 0:
-            self._hook_ffn(model, "student")
-            self._hook_ffn(teacher_model, "teacher")
+            self._ffn_modules = {"student": self._find_ffn(model, "student"),
+                                 "teacher": self._find_ffn(teacher_model, "teacher")}
         self._projected: dict = {}
-        if hasattr(model, PROJECTIONS_ATTR):
-            # projected inside the student's forward: DDP requires its parameters to be used there
-            model.register_forward_hook(self._project_hook)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # -- set-up ---------------------------------------------------------------------------
@@ -169,7 +173,7 @@ class ILKDTrainer(Trainer):
                 f"{t.num_attention_heads} (set attention_weight=0)"
             )
 
-    def _hook_ffn(self, model: nn.Module, who: str) -> None:
+    def _find_ffn(self, model: nn.Module, who: str) -> list[nn.Module]:
         modules = _ffn_modules(model)
         n = model.config.num_hidden_layers
         if len(modules) != n:
@@ -177,9 +181,27 @@ class ILKDTrainer(Trainer):
                 f"found {len(modules)} FFN blocks in the {who} ({type(model).__name__}) for {n} layers; "
                 "the ffn term supports GPT-2 and BERT layouts (set ffn_weight=0 otherwise)"
             )
-        store = self._ffn_outputs[who]
-        for module in modules:
-            module.register_forward_hook(lambda _m, _i, out: store.append(out[0] if isinstance(out, tuple) else out))
+        return modules
+
+    @contextlib.contextmanager
+    def _capture(self, student: nn.Module):
+        """Hooks for one step: FFN outputs of both models, and (width mismatch) the student's
+        projections, applied inside its forward because DDP requires parameters used there."""
+        handles = []
+        for who, modules in self._ffn_modules.items():
+            store = self._ffn_outputs[who]
+            store.clear()
+            for module in modules:
+                handles.append(module.register_forward_hook(
+                    lambda _m, _i, out, store=store: store.append(out[0] if isinstance(out, tuple) else out)))
+        self._projected = {}
+        if hasattr(student, PROJECTIONS_ATTR):
+            handles.append(student.register_forward_hook(self._project_hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _project_hook(self, module: nn.Module, _args, output) -> None:
         """Forward hook on the student: project its states to the teacher's width."""
@@ -207,12 +229,10 @@ class ILKDTrainer(Trainer):
         need_hidden = w["embedding"] > 0 or w["hidden"] > 0
         need_attention = w["attention"] > 0
         flags = dict(output_hidden_states=need_hidden, output_attentions=need_attention, return_dict=True)
-        for store in self._ffn_outputs.values():
-            store.clear()
-        self._projected = {}
-        s_out = model(**inputs, **flags)
-        with torch.no_grad():
-            t_out = self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"}, **flags)
+        with self._capture(self.accelerator.unwrap_model(model)):
+            s_out = model(**inputs, **flags)
+            with torch.no_grad():
+                t_out = self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"}, **flags)
 
         token_mask = inputs.get("attention_mask")
         terms = {}
