@@ -1,0 +1,495 @@
+"""Generate ``RESULTS.md`` and the charts from the studies' JSON (nothing typed by hand).
+
+    .venv/bin/python benchmarks/make_results.py
+
+Reads ``benchmarks/results/kroneckerbert_ablation.json`` (``study_kroneckerbert.py``) and
+``benchmarks/results/kngpt2_vs_distilgpt2.json`` (``study_kngpt2.py``), writes
+``benchmarks/results/kroneckerbert_ablation.png`` and ``benchmarks/results/kngpt2_perplexity.png``,
+and ``RESULTS.md`` at the repository root. The speed and memory tables come from
+``benchmarks/results/speed.md`` when that file exists (written by the speed benchmarks); it is
+included verbatim under "Speed and memory". The "honest reading" sentences are chosen by
+comparing the measured numbers; no number in ``RESULTS.md`` is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+VARIANT_LABEL = {"stage1+ILKD": "(a) stage-1 ILKD + stage-2 ILKD", "ILKD": "(b) stage-2 ILKD only",
+                 "labels": "(c) labels only"}
+METRIC_LABEL = {"accuracy": "accuracy", "matthews_correlation": "Matthews corr."}
+TASK_LABEL = {"sst2": "SST-2", "cola": "CoLA", "rte": "RTE"}
+STUDENT_LABEL = {"kngpt2": "KnGPT2 (teacher depth, Kronecker layers, ILKD)",
+                 "distilgpt2_style": "DistilGPT2-style (half depth, dense, logits KD + LM)"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results_dir", default=RESULTS)
+    p.add_argument("--output", default=os.path.join(ROOT, "RESULTS.md"))
+    return p.parse_args(argv)
+
+
+def load(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def fmt_s(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "n/a"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+_DOC_DIR = [ROOT]
+
+
+def rel(path: str) -> str:
+    """``path`` relative to the folder of the document being written (for Markdown image links)."""
+    return os.path.relpath(path, _DOC_DIR[0])
+
+
+def noise_band(metric: str, score: float, n: int) -> float:
+    """Two standard errors of the metric on ``n`` dev examples (binomial for accuracy; ~1/sqrt(n)
+    for Matthews correlation near the scores seen here): differences below it are noise."""
+    if metric == "accuracy":
+        return 2 * (max(score * (1 - score), 1e-6) / n) ** 0.5
+    return 2 / n ** 0.5
+
+
+# -- study 1 ------------------------------------------------------------------------------------
+
+
+def ablation_rows(d: dict):
+    """(task, preset, variant, score, retention) for every finished student."""
+    for task, e in d.get("tasks", {}).items():
+        for preset, variants in e.get("students", {}).items():
+            for variant in d["variants"]:
+                if variant in variants:
+                    r = variants[variant]
+                    yield task, preset, variant, r["score"], r["retention"]
+
+
+def ablation_chart(d: dict, path: str) -> Optional[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in d["budgets"]["tasks"] if t in d.get("tasks", {}) and "teacher" in d["tasks"][t]]
+    if not tasks:
+        return None
+    presets = d["budgets"]["presets"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False)
+    colors = {"stage1+ILKD": "#DD8452", "ILKD": "#55A868", "labels": "#8C8C8C"}
+    for ax, task in zip(axes[0], tasks):
+        e = d["tasks"][task]
+        teacher = e["teacher"]["score"]
+        width = 0.8 / len(d["variants"])
+        for j, variant in enumerate(d["variants"]):
+            xs, ys, ret = [], [], []
+            for i, preset in enumerate(presets):
+                r = e.get("students", {}).get(preset, {}).get(variant)
+                if r is not None:
+                    xs.append(i + (j - (len(d["variants"]) - 1) / 2) * width)
+                    ys.append(r["score"])
+                    ret.append(r["retention"])
+            bars = ax.bar(xs, ys, width, color=colors.get(variant), label=VARIANT_LABEL[variant])
+            ax.bar_label(bars, labels=[f"{y:.2f}\n{r:.0%}" if r is not None else f"{y:.2f}" for y, r in zip(ys, ret)],
+                         fontsize=7)
+        ax.axhline(teacher, color="#4C72B0", lw=1.5, label="teacher")
+        ax.set_xticks(range(len(presets)), presets)
+        metric = METRIC_LABEL.get(e["metric"], e["metric"])
+        ax.set_ylabel(f"dev {metric}")
+        ax.set_title(f"{TASK_LABEL.get(task, task)}: teacher {teacher:.3f} (bars: score, retention)", fontsize=10)
+        lo = min([0.0] + [r["score"] for v in e.get("students", {}).values() for r in v.values()])
+        ax.set_ylim(min(lo, 0.0) - 0.05 if e["metric"] == "matthews_correlation" else 0.4, max(teacher, 0.1) * 1.2)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = handles[1:] + handles[:1], labels[1:] + ["teacher (per task)"]  # variants first
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle("KroneckerBERT ablation at this machine's scale (MiniLM-L6-H384 teacher)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -> list[str]:
+    out = [f"### {title}", ""] if title else ["## Accuracy 1: KroneckerBERT ablation (paper Table 6)", ""]
+    if d is None:
+        return out + ["Not run yet: `benchmarks/study_kroneckerbert.py` writes "
+                      "`benchmarks/results/kroneckerbert_ablation.json`.", ""]
+    b = d["budgets"]
+    out += [f"Teacher: {d['teacher']}, fine-tuned per task. Students converted from the fine-tuned teacher "
+            "(nearest-Kronecker initialisation, classifier and pooler copied); the three variants of a preset "
+            "share stage-2 steps, batch, learning rate and seed.", ""]
+    if not d.get("complete"):
+        out += ["**Partial run**: the JSON was written by an unfinished study; missing rows were not measured.", ""]
+    out += ["Command:", "", "```bash", d["command"], "```", "",
+            f"Measured wall time: {fmt_s(d.get('wall_seconds'))} (torch threads: {d['environment']['threads']}, "
+            f"torch {d['environment']['torch']}, transformers {d['environment']['transformers']}, "
+            f"run {d['environment']['date']}).", ""]
+    out += ["| task (metric) | train rows | max length | batch | teacher steps | student steps | teacher |",
+            "|---|---|---|---|---|---|---|"]
+    for task, e in d.get("tasks", {}).items():
+        t = e.get("teacher")
+        out.append(f"| {TASK_LABEL.get(task, task)} ({METRIC_LABEL.get(e['metric'], e['metric'])}) | {e['train_rows']:,}"
+                   f" | {e['max_length']} | {e['batch_size']} | {e['teacher_steps']} | {e['student_steps']} | "
+                   + (f"{t['score']:.4f} ({fmt_s(t['seconds'])})" if t else "n/a") + " |")
+    out.append("")
+    if d.get("stage1"):
+        s1d = d.get("stage1_data", {})
+        out += [f"Stage 1 (general distillation of the MiniLM encoder on WikiText-2 text, "
+                f"{s1d.get('train_blocks', 'n/a')} training blocks, {s1d.get('heldout_blocks', 'n/a')} held out):", "",
+                "| preset | encoder params | steps x batch x block | tokens seen | held-out ILKD loss before | after | time |",
+                "|---|---|---|---|---|---|---|"]
+        for preset, s in d["stage1"].items():
+            out.append(f"| {preset} | {s['parameters_encoder'] / 1e6:.2f}M | {s['steps']} x {s['batch_size']} x "
+                       f"{s['block_size']} | {s['tokens_seen']:,} | {s['heldout_before']['eval_loss']:.3f} | "
+                       f"{s['heldout_after']['eval_loss']:.3f} | {fmt_s(s['seconds'])} |")
+        out.append("")
+    out += ["Dev-set scores (official metric) and retention = student / teacher:", "",
+            "| task | preset | params | " + " | ".join(VARIANT_LABEL[v] for v in d["variants"]) + " |",
+            "|---|---|---|" + "---|" * len(d["variants"])]
+    for task, e in d.get("tasks", {}).items():
+        for preset, variants in e.get("students", {}).items():
+            params = next(iter(variants.values()))["parameters"]
+            cells = []
+            for v in d["variants"]:
+                r = variants.get(v)
+                cells.append("not run" if r is None else
+                             f"{r['score']:.4f} ({r['retention']:.0%})" if r["retention"] is not None
+                             else f"{r['score']:.4f}")
+            out.append(f"| {TASK_LABEL.get(task, task)} | {preset} | {params / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    out.append("")
+    if chart:
+        out += [f"![KroneckerBERT ablation]({rel(chart)})", ""]
+    out += ["Budgets: " + ", ".join(f"`{k}={v}`" for k, v in b.items()), ""]
+    return out
+
+
+def constant_scores(task: str, e: dict) -> list[float]:
+    """Dev scores of the two constant predictors (always class 0, always class 1)."""
+    if e["metric"] == "matthews_correlation":
+        return [0.0]
+    counts = e.get("dev_label_counts")
+    if counts is None:  # older JSON: count the labels of the offline dev file, if present
+        path = os.path.join(ROOT, "..", "shared", "data", "glue", task, "validation.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            labels = [json.loads(line)["label"] for line in f if line.strip()]
+        counts = {str(c): labels.count(c) for c in (0, 1)}
+    n = sum(counts.values())
+    return [c / n for c in counts.values()] if n else []
+
+
+def ablation_reading(d: Optional[dict]) -> list[str]:
+    if d is None or not d.get("tasks"):
+        return []
+    lines = []
+    rows = list(ablation_rows(d))
+    by = {(t, p, v): s for t, p, v, s, _ in rows}
+    pairs = sorted({(t, p) for t, p, *_ in rows})
+
+    band = {t: noise_band(e["metric"], e["teacher"]["score"], e["dev_rows"]) for t, e in d["tasks"].items()
+            if "teacher" in e}
+    consts = {t: constant_scores(t, e) for t, e in d["tasks"].items()}
+
+    def is_const(t: str, score: float) -> bool:
+        return any(abs(score - c) < 1e-9 for c in consts.get(t, []))
+
+    # a task whose teacher predicts one class says nothing about distillation: left out of the claims
+    dead = sorted(t for t, e in d["tasks"].items() if "teacher" in e and is_const(t, e["teacher"]["score"]))
+    if dead:
+        lines.append(f"- Left out of the comparisons below: {', '.join(TASK_LABEL.get(t, t) for t in dead)}, whose "
+                     "fine-tuned teacher predicts a single class on the dev set at this budget.")
+    pairs = [(t, p) for t, p in pairs if t not in dead]
+
+    def compare(a: str, b: str, claim: str, verb: str) -> None:
+        cmp = [(t, p, by[(t, p, a)] - by[(t, p, b)]) for t, p in pairs if (t, p, a) in by and (t, p, b) in by]
+        if not cmp:
+            return
+        up = [c for c in cmp if c[2] > band.get(c[0], 0)]  # clearly better: beyond two standard errors
+        down = [c for c in cmp if c[2] < -band.get(c[0], 0)]  # clearly worse
+        ahead = [c for c in cmp if c[2] > 0]
+        detail = "; ".join(f"{TASK_LABEL.get(t, t)}/{p} {delta:+.3f} (noise band ±{band.get(t, 0):.3f}"
+                           + (", both predict one class" if is_const(t, by[(t, p, a)]) and is_const(t, by[(t, p, b)])
+                              else "") + ")" for t, p, delta in cmp)
+        n = len(cmp)
+        if len(up) == n:
+            verdict = f"holds here: {verb} clearly (beyond two standard errors) in all {n} task/preset pairs"
+        elif not up and not down:
+            verdict = (f"inconclusive here: no difference exceeds two standard errors of the dev metric "
+                       f"({verb} numerically in {len(ahead)} of {n} pairs)")
+        elif not down:
+            verdict = (f"holds partly: {verb} clearly in {len(up)} of {n} pairs, the rest within noise "
+                       f"({verb} numerically in {len(ahead)} of {n})")
+        elif not up:
+            verdict = (f"does not hold here: the opposite is clear in {len(down)} of {n} pairs, the rest within "
+                       f"noise ({verb} numerically in {len(ahead)} of {n})")
+        else:
+            verdict = (f"mixed: {verb} clearly in {len(up)} of {n} pairs, clearly the opposite in {len(down)}, "
+                       "the rest within noise")
+        lines.append(f"- *{claim}* — {verdict} (difference in the official metric: {detail}).")
+
+    compare("stage1+ILKD", "ILKD", "Stage-1 general distillation helps (paper Table 6)", "(a) beats (b)")
+    compare("ILKD", "labels", "ILKD beats training on labels alone", "(b) beats (c)")
+    compare("stage1+ILKD", "labels", "The full two-stage recipe beats labels alone", "(a) beats (c)")
+    best = {}
+    for t, p, v, s, r in rows:
+        if t not in dead and r is not None and (best.get((t, p)) is None or r > best[(t, p)][1]):
+            best[(t, p)] = (v, r)
+    if best:
+        above90 = [k for k, (_, r) in best.items() if r >= 0.9]
+        detail = "; ".join(f"{TASK_LABEL.get(t, t)}/{p} {r:.0%} ({v})" for (t, p), (v, r) in sorted(best.items()))
+        lines.append(f"- *Retention of the teacher's score*: the best variant keeps at least 90% of the teacher in "
+                     f"{len(above90)} of {len(best)} task/preset pairs ({detail})."
+                     + ("" if len(above90) == len(best) else
+                        " The paper reports high retention for kroneckerbert8 after full-scale two-stage training "
+                        "(3 epochs on 10% of Wikipedia, then full GLUE); the budgets here are a few hundred steps, "
+                        "so low retention measures the budget as much as the method."))
+    for t, e in d["tasks"].items():
+        consts = constant_scores(t, e)
+        flat = []
+        if "teacher" in e and any(abs(e["teacher"]["score"] - c) < 1e-9 for c in consts):
+            flat.append("the teacher")
+        flat += [f"{p} {v}" for p, vs in e.get("students", {}).items() for v, r in vs.items()
+                 if any(abs(r["score"] - c) < 1e-9 for c in consts)]
+        if flat:
+            lines.append(f"- {TASK_LABEL.get(t, t)}: {', '.join(flat)} scored exactly what predicting one class for "
+                         "every dev example scores: at this budget they have not learnt the task.")
+    chance = [(t, e["teacher"]["score"]) for t, e in d["tasks"].items() if "teacher" in e and (
+        (e["metric"] == "accuracy" and e["teacher"]["score"] < 0.6) or
+        (e["metric"] == "matthews_correlation" and e["teacher"]["score"] < 0.2))]
+    for t, s in chance:
+        lines.append(f"- {TASK_LABEL.get(t, t)}: the teacher itself is near chance ({s:.3f}) at this budget, so "
+                     "its student comparisons carry little information.")
+    ratios = [r["last_logged_terms"]["loss_attention"] / r["last_logged_terms"]["loss_labels"]
+              for e in d["tasks"].values() for vs in e.get("students", {}).values() for v, r in vs.items()
+              if v != "labels" and r.get("last_logged_terms") and r["last_logged_terms"].get("loss_labels")
+              and "loss_attention" in r["last_logged_terms"]]
+    if ratios:
+        lines.append(f"- Loss balance: with the paper's unweighted sum, the attention-score MSE term is "
+                     f"{min(ratios):.0f}x to {max(ratios):.0f}x the label cross-entropy at the last logged step of "
+                     "the ILKD runs" + (", so within a short stage 2 the gradient mostly serves the intermediate "
+                                         "matches, not the task." if min(ratios) > 5 else "."))
+    s1 = d.get("stage1", {})
+    for p, s in s1.items():
+        b, a = s["heldout_before"]["eval_loss"], s["heldout_after"]["eval_loss"]
+        lines.append(f"- Stage 1 for {p} lowered the held-out distillation loss from {b:.3f} to {a:.3f} "
+                     f"({a / b:.0%} of its initial value) in {s['tokens_seen']:,} tokens.")
+    return lines
+
+
+# -- study 2 ------------------------------------------------------------------------------------
+
+
+def curve_chart(d: dict, path: str) -> Optional[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not d.get("students"):
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = {"kngpt2": "#DD8452", "distilgpt2_style": "#55A868"}
+    for name, s in d["students"].items():
+        pts = s.get("curve", [])
+        if pts:
+            ax.plot([p["tokens"] for p in pts], [p["perplexity"] for p in pts], marker="o", color=colors.get(name),
+                    label=f"{STUDENT_LABEL.get(name, name)}, {s['parameters'] / 1e6:.2f}M")
+    if "teacher" in d:
+        t = d["teacher"]
+        ax.axhline(t["perplexity"], color="#4C72B0", ls="--",
+                   label=f"teacher ({t['parameters'] / 1e6:.2f}M): {t['perplexity']:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens seen by the student")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title("KnGPT2 vs DistilGPT2-style, equal total size (head counted)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def kngpt2_section(d: Optional[dict], chart: Optional[str]) -> list[str]:
+    out = ["## Accuracy 2: KnGPT2 vs a DistilGPT2-style student (equal total size)", ""]
+    if d is None:
+        return out + ["Not run yet: `benchmarks/study_kngpt2.py` writes "
+                      "`benchmarks/results/kngpt2_vs_distilgpt2.json`.", ""]
+    b, data = d["budgets"], d["data"]
+    if not d.get("complete"):
+        out += ["**Partial run**: the JSON was written by an unfinished study; missing rows were not measured.", ""]
+    out += [f"Teacher: GPT-2 {b['n_layer']} layers x {b['n_embd']} ({b['n_head']} heads, {b['block_size']} positions, "
+            f"tied head) trained from scratch here on {data['train_tokens']:,} tokens of {data['source']}; the last "
+            f"{data['heldout_tokens']:,} tokens are held out. Perplexity: windows of {d['perplexity']['max_length']} "
+            f"tokens, stride {d['perplexity']['stride']}. Both students see the same "
+            f"{b['student_steps']} steps x {b['batch_size']} x {b['block_size']} tokens.", "",
+            "Command:", "", "```bash", d["command"], "```", "",
+            f"Measured wall time: {fmt_s(d.get('wall_seconds'))} (torch threads: {d['environment']['threads']}, run "
+            f"{d['environment']['date']}).", "",
+            "| model | layers | total params (head counted) | vs teacher | tokens seen | held-out perplexity | train time |",
+            "|---|---|---|---|---|---|---|"]
+    t = d.get("teacher")
+    if t:
+        out.append(f"| teacher (dense GPT-2) | {b['n_layer']} | {t['parameters']:,} | 1.00 | {t['tokens_seen']:,} "
+                   f"({t['epochs']:.1f} epochs) | {t['perplexity']:.2f} | {fmt_s(t['seconds'])} |")
+    for name, s in d.get("students", {}).items():
+        ppl = f"{s['perplexity']:.2f}" if "perplexity" in s else "not finished"
+        out.append(f"| {STUDENT_LABEL.get(name, name)} | {s['layers']} | {s['parameters']:,} | "
+                   f"{s['parameters'] / t['parameters']:.3f} | {s.get('tokens_seen', 0):,} | {ppl} | "
+                   f"{fmt_s(s.get('seconds'))} |")
+    out.append("")
+    out += ["Perplexity vs tokens seen:", "", "| tokens seen | " + " | ".join(
+        STUDENT_LABEL.get(n, n) for n in d.get("students", {})) + " |", "|---|" + "---|" * len(d.get("students", {}))]
+    steps = sorted({p["tokens"] for s in d.get("students", {}).values() for p in s.get("curve", [])})
+    for tok in steps:
+        cells = []
+        for s in d["students"].values():
+            v = next((p["perplexity"] for p in s.get("curve", []) if p["tokens"] == tok), None)
+            cells.append(f"{v:.2f}" if v is not None else "")
+        out.append(f"| {tok:,} | " + " | ".join(cells) + " |")
+    out.append("")
+    if chart:
+        out += [f"![perplexity vs tokens]({rel(chart)})", ""]
+    out += ["How the sizes were matched: " + "; ".join(f"{STUDENT_LABEL.get(n, n)}: {s['recipe']}"
+                                                       for n, s in d.get("students", {}).items()), ""]
+    return out
+
+
+def kngpt2_reading(d: Optional[dict]) -> list[str]:
+    if d is None or "teacher" not in d:
+        return []
+    s = d.get("students", {})
+    k, g, t = s.get("kngpt2", {}), s.get("distilgpt2_style", {}), d["teacher"]
+    lines = []
+    if "perplexity" in k and "perplexity" in g:
+        diff = abs(k["parameters"] - g["parameters"]) / g["parameters"]
+        size = f"sizes {k['parameters']:,} vs {g['parameters']:,} parameters ({diff:.2%} apart)"
+        if k["perplexity"] < g["perplexity"]:
+            lines.append(f"- *KnGPT2 beats a DistilGPT2-style student of the same size* — holds here: held-out "
+                         f"perplexity {k['perplexity']:.2f} vs {g['perplexity']:.2f} ({size}).")
+        else:
+            lines.append(f"- *KnGPT2 beats a DistilGPT2-style student of the same size* — does not hold here: held-out "
+                         f"perplexity {k['perplexity']:.2f} vs {g['perplexity']:.2f} ({size}).")
+        ck, cg = k.get("curve", []), g.get("curve", [])
+        common = sorted({p["tokens"] for p in ck} & {p["tokens"] for p in cg})
+        ahead = [x for x in common if next(p["perplexity"] for p in ck if p["tokens"] == x)
+                 < next(p["perplexity"] for p in cg if p["tokens"] == x)]
+        if common:
+            lines.append(f"- Along the curve KnGPT2 is lower at {len(ahead)} of {len(common)} evaluation points "
+                         f"(including the start, where the students are the teacher's initialisations: "
+                         f"{ck[0]['perplexity']:.2f} vs {cg[0]['perplexity']:.2f}).")
+        for name, x in (("KnGPT2", k), ("The DistilGPT2-style student", g)):
+            gap = x["perplexity"] / t["perplexity"]
+            lines.append(f"- {name} ends at {gap:.2f}x the teacher's perplexity ({t['perplexity']:.2f}) after "
+                         f"{x['tokens_seen']:,} tokens ({x['tokens_seen'] / t['tokens_seen']:.0%} of the teacher's "
+                         "training tokens).")
+    lines.append(f"- Scale caveat: the teacher saw {t['tokens_seen']:,} tokens ({fmt_s(t['seconds'])} of training), so "
+                 "its perplexity is far from GPT-2's and the students distil a weak teacher; the paper's numbers "
+                 "(WikiText-103 perplexity after pre-training on OpenWebText) are not reproduced in absolute terms, "
+                 "only the comparison at equal size and equal tokens is.")
+    return lines
+
+
+# -- benchmarks/README.md run-time table ---------------------------------------------------------
+
+README_BEGIN, README_END = "<!-- accuracy-runs:begin -->", "<!-- accuracy-runs:end -->"
+
+
+def update_readme(path: str, abls: list, lm: Optional[dict]) -> bool:
+    """Rewrite the block between the markers in ``benchmarks/README.md`` with each study's command
+    and measured wall time (the rest of the file is left alone)."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    rows = ["| study | command | measured run time | complete |", "|---|---|---|---|"]
+    for label, d in [(f"KroneckerBERT ablation ({name})", a) for name, a in abls] + [("KnGPT2 vs DistilGPT2-style", lm)]:
+        if d is not None:
+            rows.append(f"| {label} | `{d['command']}` | {fmt_s(d.get('wall_seconds'))} "
+                        f"(torch threads: {d['environment']['threads']}, {d['environment']['date']}) | "
+                        f"{'yes' if d.get('complete') else 'no (partial)'} |")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    with open(path, "w") as f:
+        f.write(head + README_BEGIN + "\n" + "\n".join(rows) + "\n" + README_END + tail)
+    return True
+
+
+# -- the document -------------------------------------------------------------------------------
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    _DOC_DIR[0] = os.path.dirname(os.path.abspath(args.output))
+    # the main ablation, then any further runs of it (other budgets), kroneckerbert_ablation_<name>.json
+    names = sorted(f[:-5] for f in os.listdir(args.results_dir)
+                   if f.startswith("kroneckerbert_ablation") and f.endswith(".json"))
+    names = (["kroneckerbert_ablation"] if "kroneckerbert_ablation" in names else []) + [
+        n for n in names if n != "kroneckerbert_ablation"]
+    abls = [(n, load(os.path.join(args.results_dir, n + ".json"))) for n in names]
+    lm = load(os.path.join(args.results_dir, "kngpt2_vs_distilgpt2.json"))
+    charts = {n: ablation_chart(a, os.path.join(args.results_dir, n + ".png")) for n, a in abls}
+    lm_chart = curve_chart(lm, os.path.join(args.results_dir, "kngpt2_perplexity.png")) if lm else None
+
+    doc = ["# Results", "",
+           "<!-- Generated by benchmarks/make_results.py from benchmarks/results/*.json; do not edit by hand. -->", "",
+           "Everything below is measured on this project's CPU machine (2 cores) by the commands shown; "
+           "regenerate this file with `.venv/bin/python benchmarks/make_results.py`. "
+           "`benchmarks/README.md` lists every command with its run time.", "",
+           "## Speed and memory", ""]
+    speed = os.path.join(args.results_dir, "speed.md")
+    if os.path.exists(speed):
+        with open(speed) as f:
+            doc += [f.read().strip(), ""]
+    else:
+        doc += ["<!-- SPEED TABLES: included from benchmarks/results/speed.md (written by the speed benchmarks, "
+                "benchmarks/bench_models.py and benchmarks/bench_kronecker.py) when it exists. -->",
+                "_Speed tables pending: `benchmarks/results/speed.md` does not exist yet._", ""]
+    if abls:
+        doc += ablation_section(abls[0][1], charts[abls[0][0]])
+        for n, a in abls[1:]:
+            doc += ablation_section(a, charts[n], title=f"Another run of the ablation: `{n}.json` (other budgets)")
+    else:
+        doc += ablation_section(None, None)
+    doc += kngpt2_section(lm, lm_chart)
+    reading = []
+    for n, a in abls:
+        r = ablation_reading(a)
+        if r:
+            b = a["budgets"]
+            reading += [f"KroneckerBERT ablation, `{n}.json` (student steps {b['student_steps']}, stage-1 steps "
+                        f"{b['stage1_steps']}):", ""] + r + [""]
+    r = kngpt2_reading(lm)
+    if r:
+        reading += ["KnGPT2 vs DistilGPT2-style:", ""] + r
+    doc += ["## Honest reading (generated from the numbers above)", ""]
+    doc += reading or ["No accuracy results yet."]
+    doc += ["", "Every sentence above is selected by comparing the measured numbers in the JSON files; a different "
+            "run can flip any of them. Single seed and small budgets: a difference smaller than two standard errors "
+            "of the dev metric (binomial for accuracy, 2/sqrt(n) for Matthews correlation) is not evidence either "
+            "way.", ""]
+    text = "\n".join(doc)
+    with open(args.output, "w") as f:
+        f.write(text)
+    if os.path.abspath(args.results_dir) == os.path.abspath(RESULTS):
+        update_readme(os.path.join(ROOT, "benchmarks", "README.md"), abls, lm)
+    print(f"wrote {args.output}" + "".join(f", {p}" for p in list(charts.values()) + [lm_chart] if p))
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""KnGPT2 vs a DistilGPT2-style student of equal total size, at this machine's scale.
+
+    HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_kngpt2.py
+
+What it measures:
+
+1. a GPT-2 teacher (default 6 layers x 384, 6 heads, 128 positions, tied head) trained from
+   scratch here on the WikiText-2 validation text tokenised with the real GPT-2 BPE; the last
+   ``--heldout`` of the token stream is kept out of all training and used for evaluation;
+2. two students of (almost exactly) equal *total* parameter count, LM head counted, each
+   trained on the same token budget (same steps, batch, blocks, learning rate, seed):
+   - ``KnGPT2``: the teacher's depth, every layer's four matrices (``c_attn``, ``c_proj``,
+     ``c_fc``, ``mlp.c_proj``) replaced by Kronecker factors at factor 2 (``A (out, in/2) ⊗
+     B (1, 2)``, the paper's rule, via ``kngpt2_from_gpt2(teacher, preset="paper",
+     layers=all, embedding=False)``); the token embedding stays dense and tied to the head.
+     Why this choice: the 50,257-row tied embedding/head is ~2/3 of a 6x384 model, so a
+     3-layer student's size is embedding + 3 dense layers; 6 layers at half size match it to
+     within the per-layer biases and LayerNorms. Compressing the embedding instead (the paper's
+     ``A (V, d/2) ⊗ B (1, 2)``) would free ~9.7M parameters that cannot be spent anywhere at
+     this width, so the Kronecker student would be smaller, not equal. Distilled with ILKD
+     (``distill_preset="kngpt2"``: embedding and per-layer hidden MSE, attention KL, logits KL,
+     LM cross-entropy), layers mapped one to one;
+   - ``DistilGPT2-style``: half the layers, initialised from the teacher's layers 0, 2, 4 plus its
+     embeddings, positions, final LayerNorm and (tied) head; distilled with logits KD + LM loss
+     only (all intermediate weights 0, as DistilGPT2's soft-target + LM objective).
+3. held-out perplexity (``sliding_window_perplexity``, windows of ``n_positions``) of the
+   teacher and of both students, and each student's perplexity at ``--curve_points`` points
+   of tokens seen (a ``TrainerCallback``).
+
+Writes ``benchmarks/results/kngpt2_vs_distilgpt2.json`` (rewritten after each stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import kn_transformers  # noqa: E402
+from kn_transformers import DistillationArguments, ILKDTrainer, kngpt2_from_gpt2  # noqa: E402
+from kn_transformers.conversion import count_parameters  # noqa: E402
+from kn_transformers.perplexity import sliding_window_perplexity  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=DEFAULT_DATA, help="folder with wikitext-2/ and gpt2-tokenizer/")
+    p.add_argument("--heldout", type=float, default=0.05, help="last fraction of the token stream held out")
+    p.add_argument("--n_layer", type=int, default=6)
+    p.add_argument("--n_embd", type=int, default=384)
+    p.add_argument("--n_head", type=int, default=6)
+    p.add_argument("--block_size", type=int, default=128, help="= n_positions; training blocks and eval windows")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--teacher_steps", type=int, default=50)
+    p.add_argument("--teacher_lr", type=float, default=1e-3)
+    p.add_argument("--student_steps", type=int, default=24, help="the same for both students (same tokens)")
+    p.add_argument("--student_lr", type=float, default=5e-4)
+    p.add_argument("--temperature", type=float, default=1.0, help="logits KD temperature, both students")
+    p.add_argument("--curve_points", type=int, default=3, help="perplexity evaluations during student training")
+    p.add_argument("--ppl_stride", type=int, default=None, help="sliding-window stride; default block_size")
+    p.add_argument("--students", nargs="+", default=["distilgpt2_style", "kngpt2"])
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 by default because the machine is shared: two threads on a core that "
+                        "another job also uses ran 5-10x slower per step (OpenMP threads waiting on each other)")
+    p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kngpt2_vs_distilgpt2.json"))
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_tokens(args, tokenizer) -> torch.Tensor:
+    """The whole WikiText-2 validation text as one GPT-2 token stream (``<unk>`` kept as text)."""
+    with open(os.path.join(args.data_dir, "wikitext-2", "valid.txt")) as f:
+        lines = f.readlines()
+    ids = []
+    for i in range(0, len(lines), 512):
+        for seq in tokenizer(lines[i:i + 512])["input_ids"]:
+            ids.extend(seq)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def blocks(ids: torch.Tensor, size: int) -> list[dict]:
+    n = ids.numel() // size
+    return [{"input_ids": ids[i * size:(i + 1) * size], "attention_mask": torch.ones(size, dtype=torch.long),
+             "labels": ids[i * size:(i + 1) * size]} for i in range(n)]
+
+
+def training_args(cls, args, name: str, steps: int, lr: float, **extra):
+    return cls(
+        output_dir=os.path.join(args.tmp, name), max_steps=steps, learning_rate=lr,
+        per_device_train_batch_size=args.batch_size, warmup_steps=0.1, weight_decay=0.01,
+        lr_scheduler_type="linear", logging_steps=max(steps // 10, 1), save_strategy="no", eval_strategy="no",
+        report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=True, disable_tqdm=True, **extra,
+    )
+
+
+class Progress(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            extra = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss_"))
+            log(f"    step {state.global_step}/{state.max_steps} loss={logs['loss']:.4g} {extra}")
+
+
+class PerplexityCurve(TrainerCallback):
+    """Held-out perplexity every ``every`` steps, against tokens seen."""
+
+    def __init__(self, ppl, every: int, tokens_per_step: int, points: list):
+        self.ppl, self.every, self.tokens_per_step, self.points = ppl, every, tokens_per_step, points
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            self.record(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.record(model, state.global_step)
+
+    def record(self, model, step: int) -> None:
+        p = self.ppl(model)
+        self.points.append({"step": step, "tokens": step * self.tokens_per_step, "perplexity": p})
+        log(f"    step {step}: held-out perplexity {p:.2f}")
+
+
+def distilgpt2_style(teacher: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """Half the layers, from the teacher's alternate layers (0, 2, 4, ...), everything else copied."""
+    cfg = GPT2Config(**{**teacher.config.to_dict(), "n_layer": teacher.config.n_layer // 2})
+    student = GPT2LMHeadModel(cfg)
+    t_state = teacher.state_dict()
+    state = {}
+    for key in student.state_dict():
+        src = key
+        if key.startswith("transformer.h."):
+            i = int(key.split(".")[2])
+            src = key.replace(f"transformer.h.{i}.", f"transformer.h.{2 * i}.", 1)
+        state[key] = t_state[src].clone()
+    student.load_state_dict(state)
+    student.tie_weights()
+    return student
+
+
+def save(args, results) -> None:
+    results["wall_seconds"] = time.perf_counter() - args.t_start
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, args.output)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data_dir, "gpt2-tokenizer"))
+    ids = load_tokens(args, tokenizer)
+    cut = int(ids.numel() * (1 - args.heldout))
+    train_ids, held_ids = ids[:cut], ids[cut:]
+    train_blocks = blocks(train_ids, args.block_size)
+    tokens_per_step = args.batch_size * args.block_size
+    stride = args.ppl_stride or args.block_size
+
+    def ppl(model) -> float:
+        return sliding_window_perplexity(model, held_ids, max_length=args.block_size, stride=stride,
+                                         batch_size=16, show_progress=False)["perplexity"]
+
+    results = {
+        "study": "kngpt2_vs_distilgpt2",
+        "command": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_kngpt2.py "
+                   + " ".join(sys.argv[1:] if argv is None else argv),
+        "data": {"source": "wikitext-2/valid.txt, GPT-2 BPE (50,257 tokens)", "tokens": ids.numel(),
+                 "train_tokens": train_ids.numel(), "heldout_tokens": held_ids.numel(),
+                 "train_blocks": len(train_blocks), "heldout": "last fraction of the token stream"},
+        "budgets": {k: getattr(args, k) for k in (
+            "heldout", "n_layer", "n_embd", "n_head", "block_size", "batch_size", "teacher_steps", "teacher_lr",
+            "student_steps", "student_lr", "temperature", "curve_points", "seed")},
+        "perplexity": {"max_length": args.block_size, "stride": stride},
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
+                        "cpus": os.cpu_count(), "python": platform.python_version(),
+                        "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "students": {}, "complete": False,
+    }
+    log(f"{ids.numel():,} tokens: {train_ids.numel():,} train ({len(train_blocks)} blocks of {args.block_size}), "
+        f"{held_ids.numel():,} held out")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
+        # -- teacher ----------------------------------------------------------------------
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=args.block_size, n_embd=args.n_embd,
+                         n_layer=args.n_layer, n_head=args.n_head, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+        set_seed(args.seed)
+        teacher = GPT2LMHeadModel(cfg)
+        log(f"teacher: GPT-2 {args.n_layer}x{args.n_embd}, {count_parameters(teacher):,} parameters; "
+            f"{args.teacher_steps} steps x {tokens_per_step} tokens")
+        trainer = Trainer(model=teacher, args=training_args(TrainingArguments, args, "teacher", args.teacher_steps,
+                                                            args.teacher_lr),
+                          train_dataset=train_blocks, data_collator=default_data_collator, callbacks=[Progress()])
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        teacher.eval()
+        t_ppl = ppl(teacher)
+        results["teacher"] = {"parameters": count_parameters(teacher), "perplexity": t_ppl, "seconds": seconds,
+                              "tokens_seen": args.teacher_steps * tokens_per_step,
+                              "epochs": args.teacher_steps * args.batch_size / len(train_blocks)}
+        log(f"teacher held-out perplexity {t_ppl:.2f} ({seconds:.0f} s)")
+        save(args, results)
+        del trainer
+
+        # -- students ---------------------------------------------------------------------
+        every = max(args.student_steps // args.curve_points, 1)
+        for name in args.students:
+            set_seed(args.seed)
+            try:
+                teacher.set_attn_implementation("sdpa")
+            except Exception:  # noqa: BLE001 - eager works too
+                pass
+            if name == "kngpt2":
+                student = kngpt2_from_gpt2(teacher, preset="paper", layers=range(args.n_layer), embedding=False,
+                                           progress=False)
+                dargs = training_args(DistillationArguments, args, name, args.student_steps, args.student_lr,
+                                      distill_preset="kngpt2", temperature=args.temperature)
+                recipe = ("kngpt2_from_gpt2(teacher, preset='paper', layers=all, embedding=False): every layer's "
+                          "4 matrices at factor 2, dense wte tied to the head; ILKD distill_preset='kngpt2'")
+            elif name == "distilgpt2_style":
+                student = distilgpt2_style(teacher)
+                # the intermediate terms are off, so the layer map is never used; "uniform" because the
+                # default "one_to_one" is rejected for unequal depths even when its terms have weight 0
+                dargs = training_args(DistillationArguments, args, name, args.student_steps, args.student_lr,
+                                      embedding_weight=0.0, hidden_weight=0.0, attention_weight=0.0,
+                                      ffn_weight=0.0, logits_weight=1.0, labels_weight=1.0,
+                                      temperature=args.temperature, layer_map="uniform")
+                recipe = ("GPT2LMHeadModel with n_layer/2 layers from teacher layers 0, 2, 4, ...; embeddings, "
+                          "positions, ln_f, tied head copied; logits KD + LM loss")
+            else:
+                raise SystemExit(f"unknown student {name!r}")
+            points = []
+            entry = {"recipe": recipe, "parameters": count_parameters(student),
+                     "layers": student.config.n_layer, "curve": points}
+            results["students"][name] = entry
+            log(f"{name}: {entry['parameters']:,} parameters ({entry['parameters'] / results['teacher']['parameters']:.3f}"
+                f" of the teacher); {args.student_steps} steps x {tokens_per_step} tokens")
+            curve = PerplexityCurve(ppl, every, tokens_per_step, points)
+            curve.record(student, 0)
+            trainer = ILKDTrainer(model=student, teacher_model=teacher, args=dargs, train_dataset=train_blocks,
+                                  data_collator=default_data_collator, callbacks=[Progress(), curve])
+            t0 = time.perf_counter()
+            trainer.train()
+            entry["seconds"] = time.perf_counter() - t0  # includes the curve evaluations
+            entry["perplexity"] = points[-1]["perplexity"]
+            entry["tokens_seen"] = args.student_steps * tokens_per_step
+            log(f"{name}: held-out perplexity {entry['perplexity']:.2f} (teacher {t_ppl:.2f}; {entry['seconds']:.0f} s)")
+            save(args, results)
+            del trainer, student
+    results["complete"] = True
+    save(args, results)
+    log(f"done in {results['wall_seconds'] / 60:.1f} min: {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

