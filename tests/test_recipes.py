@@ -206,3 +206,39 @@ def test_run_glue_on_the_real_minilm_teacher_rte(tmp_path, minilm_path, shared_d
         assert m["eval_samples"] == 277 and 0.3 < m["eval_accuracy"] < 0.8  # RTE dev: 277 pairs, 2 classes
     print(f"\nRTE dev accuracy: teacher {t_metrics['eval_accuracy']:.4f}, "
           f"kroneckerbert8 + ILKD {s_metrics['eval_accuracy']:.4f}")
+
+
+def test_distill_lm_masked_lm_stage_one_for_bert(tmp_path, minilm_path, shared_data):
+    """KroneckerBERT stage 1 on masked-LM batches: a BERT teacher with an MLM head."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "bert-mlm"
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertForMaskedLM(cfg).save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(teacher)
+    text = (shared_data / "wikitext-2" / "valid.txt").read_text().splitlines()
+    (tmp_path / "train.txt").write_text("\n".join(text[:200]))
+    (tmp_path / "valid.txt").write_text("\n".join(text[200:240]))
+    out = tmp_path / "kb8"
+    metrics = kn_transformers.recipes.distill_lm.main(
+        ["--teacher_model_name_or_path", str(teacher), "--preset", "kroneckerbert8", "--train_file",
+         str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"), "--block_size", "64",
+         "--max_steps", "2", "--distill_preset", "kroneckerbert", "--output_dir", str(out), *COMMON])
+    # masked positions only carry labels: the MLM loss exists, and with it an MLM perplexity
+    assert {"eval_loss_labels", "eval_loss_logits", "eval_loss_ffn", "eval_mlm_perplexity"} <= metrics.keys()
+    from transformers import AutoModelForMaskedLM
+
+    assert type(AutoModelForMaskedLM.from_pretrained(out)).__name__ == "KroneckerBertForMaskedLM"
+
+
+def test_evaluate_glue_command_writes_eval_results(tmp_path, tiny_bert, shared_data):
+    teacher = tiny_bert(2)
+    out = tmp_path / "eval"
+    cli(["evaluate", "glue", "--model_name_or_path", teacher, "--task_name", "rte",
+         *glue_files(shared_data, "rte"), "--max_eval_samples", "16", "--max_seq_length", "64",
+         "--output_dir", str(out), "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"])
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_samples"] == 16 and 0 <= results["eval_accuracy"] <= 1
+    assert not (out / "model.safetensors").exists()  # evaluation only: nothing trained, nothing saved
