@@ -88,7 +88,8 @@ SHAPES = [  # (in, out, a_shape, rank)
 
 
 @pytest.mark.parametrize(
-    "order", ["b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew", "auto"]
+    "order", ["b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew", "native",
+              "auto"]
 )
 @pytest.mark.parametrize("n_in,n_out,a_shape,rank", SHAPES)
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (1, 1, 4)])
@@ -122,7 +123,7 @@ def test_both_orders_agree_on_a_large_batch():
     x = torch.randn(3, 7, 96, dtype=F64)
     ref = x @ kronecker_to_dense(A, B).T
     for order in ("a_first", "b_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew",
-                  "auto"):
+                  "native", "auto"):
         assert (kronecker_matmul(x, A, B, order) - ref).abs().max() < 1e-10
 
 

@@ -20,6 +20,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import native
+
 __all__ = [
     "nearest_kronecker",
     "kronecker_to_dense",
@@ -155,7 +157,11 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
               transposed back: fast when ``B`` has few rows (e.g. ``B`` 2×16);
             * ``"b_first_ew"`` / ``"a_first_ew"``: the product with ``A`` as ``n1·rank``
               fused multiply-add passes instead of ``N`` tiny matmuls: fast when ``A`` is
-              tiny (e.g. 2×2 or 2×8).
+              tiny (e.g. 2×2 or 2×8);
+            * ``"native"``: both products in one fused CPU kernel (:mod:`kn_transformers.native`,
+              AVX-512, float32, inference) that writes the output in place, with no transpose:
+              fast when ``B`` has 2-16 rows (e.g. ``A 384×48 ⊗ B 2×16``). Where the kernel
+              does not apply (autograd, float64, GPU, no compiler) it computes ``"b_first_t"``.
 
     Returns:
         ``(..., m1*m2)``.
@@ -167,7 +173,8 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
 
 
 # The contraction strategies (see kronecker_matmul); all compute the same product.
-KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew")
+KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew",
+                    "native")
 
 
 def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
@@ -304,7 +311,14 @@ def _order_a_first_ew(x3, A, B, bias):
     return _add_bias_(y.view(N, m1 * m2), bias)
 
 
+def _order_native(x3, A, B, bias):
+    if native.native_supported(A, B, x3):
+        return native.native_kronecker_linear(x3, A, B, bias)
+    return _order_b_first_t(x3, A, B, bias)
+
+
 _STRATEGY_FNS = {
+    "native": _order_native,
     "b_first": _order_b_first,
     "a_first": _order_a_first,
     "b_first_t": _order_b_first_t,
@@ -349,8 +363,9 @@ def _default_order(A: torch.Tensor, B: torch.Tensor) -> str:
     return order
 
 
-def _candidates(A: torch.Tensor, B: torch.Tensor) -> list[str]:
-    """The strategies worth timing: the two orders, and the variants that suit tiny factors.
+def _candidates(A: torch.Tensor, B: torch.Tensor, x: Optional[torch.Tensor] = None) -> list[str]:
+    """The strategies worth timing: the two orders, and the variants that suit tiny factors
+    (and the native kernel where it applies to ``x``).
 
     An order with more than three times the other's FLOPs is not tried (it never wins, and
     timing it under load could only pick it by mistake).
@@ -367,6 +382,8 @@ def _candidates(A: torch.Tensor, B: torch.Tensor) -> list[str]:
             out.append("b_first_t")  # few output columns per A-block: transpose to flat matmuls
         if n1 * r <= 8:
             out.append("b_first_ew")  # A tiny: a few fused passes beat N tiny matmuls
+        if x is not None and m2 <= 16 and native.native_supported(A, B, x):
+            out.append("native")  # B with few rows: one fused pass, no output transpose
     if fa <= 3 * fb:
         out.append("a_first")
         if m1 * r <= 64:
@@ -413,7 +430,7 @@ def _time_orders(A, B, rows, dtype, device, has_bias: bool = False, train: bool 
 
     # Rounds over all candidates, best of each: load from other processes only ever adds
     # time, and alternating spreads it over the candidates alike.
-    cands = _candidates(A, B)
+    cands = _candidates(A, B, x)
     times = {order: math.inf for order in cands}
     t0 = time.perf_counter()
     for order in cands:
