@@ -41,6 +41,11 @@ _lib = None
 _tried = False
 _lock = threading.Lock()
 _packed: dict = {}
+# byte comparison of a cached factor with its saved copy: a few µs where torch.equal costs ~10
+_memcmp = ctypes.CDLL(None).memcmp if sys.platform.startswith("linux") else None
+if _memcmp is not None:
+    _memcmp.restype = ctypes.c_int
+    _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
 def _cache_dir() -> str:
@@ -77,9 +82,9 @@ def _build() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(path)
     if not lib.kn_cpu_has_avx512():
         return None
-    f = lib.kn_kron_a_stage
+    f = lib.kn_kron_forward
     f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4
+    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_int] * 6
     return lib
 
 
@@ -116,8 +121,10 @@ def _pack_a(A: torch.Tensor, m2: int) -> torch.Tensor:
     """
     key = id(A)
     hit = _packed.get(key)
-    if hit is not None and hit[0]() is A and hit[1] == (A._version, m2) and torch.equal(hit[2], A.detach()):
-        return hit[3]
+    if hit is not None and hit[0]() is A and hit[1] == (A._version, m2, A.data_ptr()) and A.is_contiguous():
+        saved = hit[2]
+        if _memcmp(saved.data_ptr(), A.data_ptr(), saved.numel() * saved.element_size()) == 0:
+            return hit[3]
     r, m1, n1 = A.shape
     K, M = n1 * r, m1 * m2
     a_dup = A.detach().permute(2, 0, 1).reshape(K, m1).repeat_interleave(m2, dim=1)  # (K, M)
@@ -130,7 +137,7 @@ def _pack_a(A: torch.Tensor, m2: int) -> torch.Tensor:
         ref = weakref.ref(A, lambda _, k=key: _packed.pop(k, None))
     except TypeError:
         return packed
-    _packed[key] = (ref, (A._version, m2), A.detach().clone(), packed)
+    _packed[key] = (ref, (A._version, m2, A.data_ptr()), A.detach().clone(), packed)
     return packed
 
 
@@ -151,13 +158,21 @@ def native_kronecker_linear(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     m2 = B.shape[1]
     # the cache key is the factor itself: with rank folded in, A is (rank, m1, n1) already
     adp = _pack_a(A, m2)
-    # B-stage by BLAS, t[n, (j1, r), i2] = Σ_j2 x[n, j1, j2] B_r[i2, j2] (a flat matmul, cheap);
-    # the A-stage with the interleave and the bias in the kernel
-    t = (x3.reshape(N * n1, n2) @ B.detach().reshape(r * m2, n2).T).contiguous()
-    b = bias.detach().contiguous() if bias is not None else None
+    b = bias.contiguous() if bias is not None else None  # data_ptr needs no detach
     y = torch.empty(N, m1 * m2, dtype=x3.dtype, device=x3.device)
-    rc = lib.kn_kron_a_stage(t.data_ptr(), adp.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(),
-                             N, n1 * r, m2, m1 * m2, torch.get_num_threads())
+    Bc = B.contiguous()
+    if n1 % 16 == 0 and n2 % 16 == 0 and r * m2 in _M2_SUPPORTED:
+        # both stages in the kernel, tile by tile (x is read once, t never leaves the cache)
+        x3 = x3.contiguous()
+        rc = lib.kn_kron_forward(x3.data_ptr(), Bc.data_ptr(), None, adp.data_ptr(),
+                                 b.data_ptr() if b is not None else None, y.data_ptr(),
+                                 N, n1, n2, r, m2, m1 * m2, torch.get_num_threads())
+    else:
+        # B-stage by BLAS, t[n, (j1, r), i2] = Σ_j2 x[n, j1, j2] B_r[i2, j2] (one flat matmul);
+        # the A-stage, the interleave and the bias in the kernel
+        t = (x3.reshape(N * n1, n2) @ Bc.detach().reshape(r * m2, n2).T).contiguous()
+        rc = lib.kn_kron_forward(None, None, t.data_ptr(), adp.data_ptr(), b.data_ptr() if b is not None else None,
+                                 y.data_ptr(), N, n1, n2, r, m2, m1 * m2, torch.get_num_threads())
     if rc:
         raise RuntimeError(f"the native Kronecker kernel failed for x {tuple(x3.shape)}, A {tuple(A.shape)}, "
                            f"B {tuple(B.shape)} (out of memory?)")

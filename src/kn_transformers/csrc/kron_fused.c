@@ -18,6 +18,7 @@
  */
 #include <immintrin.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define KN_INLINE static inline __attribute__((always_inline))
@@ -70,53 +71,173 @@ KN_INLINE void tile(const float *t, const float *ad, const float *bias, float *y
  * ``a_dup`` packed by column blocks: block c0 (width w = min(64, M - c0)) at adp + c0*K,
  * row-major (K, w), so each register tile streams its A values contiguously. */
 KN_INLINE void a_stage(const float *t, const float *adp, const float *bias, float *y, long rows, const int K,
-                       const int M, const int m2) {
+                       const int M, const int m2, const char *pf, const long pf_lines) {
     const size_t ts = (size_t)K * m2;
+    /* ``pf_lines`` cache lines from ``pf`` (the next tile's input) are prefetched into L2 a few
+     * at a time between register tiles, so that reading the input overlaps this tile's FMAs */
+    const long calls = (long)((M + CW - 1) / CW) * ((rows + ROWS - 1) / ROWS + ROWS);
+    const long per = calls > 0 ? (pf_lines + calls - 1) / calls : 0;
+    long done = 0;
+#define KN_PREFETCH()                                                          \
+    for (long l_ = 0; l_ < per && done < pf_lines; l_++, done++) _mm_prefetch(pf + done * 64, _MM_HINT_T1)
     for (int c0 = 0; c0 < M; c0 += CW) {
         const int w = M - c0 < CW ? M - c0 : CW;
         const float *ab = adp + (size_t)c0 * K;
         long n = 0;
         if (w == CW) {
-            for (; n + ROWS <= rows; n += ROWS)
+            for (; n + ROWS <= rows; n += ROWS) {
+                KN_PREFETCH();
                 tile(t + n * ts, ab, bias ? bias + c0 : NULL, y + n * M + c0, K, CW, M, m2, ROWS, CHUNKS);
+            }
             for (; n < rows; n++)
                 tile(t + n * ts, ab, bias ? bias + c0 : NULL, y + n * M + c0, K, CW, M, m2, 1, CHUNKS);
         } else {
             for (int c = 0; c < w; c += 16) {
-                for (n = 0; n + ROWS <= rows; n += ROWS)
+                for (n = 0; n + ROWS <= rows; n += ROWS) {
+                    KN_PREFETCH();
                     tile(t + n * ts, ab + c, bias ? bias + c0 + c : NULL, y + n * M + c0 + c, K, w, M, m2, ROWS, 1);
+                }
                 for (; n < rows; n++)
                     tile(t + n * ts, ab + c, bias ? bias + c0 + c : NULL, y + n * M + c0 + c, K, w, M, m2, 1, 1);
             }
         }
     }
+#undef KN_PREFETCH
 }
 
-KN_INLINE void run(const float *t, const float *adp, const float *bias, float *y, long N, const int K,
-                    const int m2, const int M, int threads) {
-    const long tiles = (N + ROW_TILE - 1) / ROW_TILE;
-    if (threads > tiles) threads = (int)tiles;
-    if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long tl = 0; tl < tiles; tl++) {
-        const long n0 = tl * ROW_TILE;
-        const long rows = N - n0 < ROW_TILE ? N - n0 : ROW_TILE;
-        a_stage(t + n0 * (size_t)K * m2, adp, bias, y + n0 * (size_t)M, rows, K, M, m2);
+/* The B-stage of one row, t[(j1, rr), i2] = sum_j2 x[j1, j2] B[rr, i2, j2] for n1 and n2
+ * multiples of 16 and q = r*m2 outputs per j1, 16 rows j1 at a time.
+ *
+ * Half a 16x16 transpose (two shuffle stages) puts, in u[4i+c], lane (L, rho) =
+ * x[4i+rho, 4L+c]; one FMA per (q, u) with ``bpat`` (lane (L, rho) = B[p, 4L+c], built once per
+ * call) gives partial sums over each 128-bit lane's 4 columns, and three cross-lane
+ * shuffle-adds finish them: 46 shuffles per 16x16 block and q = 2 instead of 64 for a full
+ * transpose. The q results are interleaved into t's layout. */
+KN_INLINE void b_stage_row(const float *x, const float *bpat, float *t, const int n1, const int n2, const int q) {
+    for (int jb = 0; jb < n1; jb += 16) {
+        __m512 acc[16][4];
+        for (int p = 0; p < q; p++)
+            for (int i = 0; i < 4; i++) acc[p][i] = _mm512_setzero_ps();
+        for (int cb = 0; cb < n2; cb += 16) {
+            __m512 r[16], v[16], u[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(x + (size_t)(jb + i) * n2 + cb);
+            for (int i = 0; i < 8; i++) {
+                v[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                v[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+            }
+            for (int i = 0; i < 4; i++) {
+                u[4 * i + 0] = _mm512_shuffle_ps(v[4 * i + 0], v[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                u[4 * i + 1] = _mm512_shuffle_ps(v[4 * i + 0], v[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                u[4 * i + 2] = _mm512_shuffle_ps(v[4 * i + 1], v[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                u[4 * i + 3] = _mm512_shuffle_ps(v[4 * i + 1], v[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            const float *bp = bpat + (size_t)(cb / 16) * q * 64;
+            for (int p = 0; p < q; p++)
+                for (int c = 0; c < 4; c++) {
+                    const __m512 b = _mm512_loadu_ps(bp + (p * 4 + c) * 16);
+                    for (int i = 0; i < 4; i++) acc[p][i] = _mm512_fmadd_ps(u[4 * i + c], b, acc[p][i]);
+                }
+        }
+        __m512 res[16];
+        for (int p = 0; p < q; p++) {
+            /* lane i of the result = sum over the 4 lanes of acc[p][i]: rows jb+4i .. jb+4i+3 */
+            const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(acc[p][0], acc[p][1], 0x88),
+                                             _mm512_shuffle_f32x4(acc[p][0], acc[p][1], 0xdd));
+            const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(acc[p][2], acc[p][3], 0x88),
+                                             _mm512_shuffle_f32x4(acc[p][2], acc[p][3], 0xdd));
+            res[p] = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xdd));
+        }
+        float *out = t + (size_t)jb * q;
+        if (q == 1) {
+            _mm512_storeu_ps(out, res[0]);
+        } else if (q == 2) {
+            const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+            const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+            _mm512_storeu_ps(out, _mm512_permutex2var_ps(res[0], lo, res[1]));
+            _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(res[0], hi, res[1]));
+        } else {
+            float tmp[16][16];
+            for (int p = 0; p < q; p++) _mm512_storeu_ps(tmp[p], res[p]);
+            for (int i = 0; i < 16; i++)
+                for (int p = 0; p < q; p++) out[i * q + p] = tmp[p][i];
+        }
     }
 }
 
-/* y (N, M) from the B-stage output t (N, K, m2) and A packed as ``adp`` (see a_stage), with the
- * output's (i1, i2) interleave and the bias fused. Needs M % 16 == 0 and m2 in {1, 2, 4, 8, 16};
- * returns 0 on success, -1 otherwise. */
-int kn_kron_a_stage(const float *t, const float *adp, const float *bias, float *y, long N, int K, int m2, int M,
-                    int threads) {
+/* bpat[(cb/16, p, c)] lane (L, rho) = B[p, cb + 4L + c]: the B values matching b_stage_row's u. */
+static void b_patterns(const float *B, float *bpat, const int n2, const int q) {
+    for (int cb = 0; cb < n2; cb += 16)
+        for (int p = 0; p < q; p++)
+            for (int c = 0; c < 4; c++)
+                for (int L = 0; L < 4; L++)
+                    for (int rho = 0; rho < 4; rho++)
+                        bpat[(((size_t)(cb / 16) * q + p) * 4 + c) * 16 + L * 4 + rho] = B[(size_t)p * n2 + cb + 4 * L + c];
+}
+
+KN_INLINE int run(const float *x, const float *B, const float *t, const float *adp, const float *bias, float *y,
+                  long N, const int n1, const int n2, const int r, const int m2, const int M, int threads) {
+    const int K = n1 * r;
+    const long tiles = (N + ROW_TILE - 1) / ROW_TILE;
+    if (threads > tiles) threads = (int)tiles;
+    if (threads < 1) threads = 1;
+    int failed = 0;
+    float *bpat = NULL;
+    if (x) {
+        bpat = (float *)malloc(sizeof(float) * (size_t)(n2 / 16) * r * m2 * 64);
+        if (!bpat) return -1;
+        b_patterns(B, bpat, n2, r * m2);
+    }
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *buf = x ? (float *)malloc(sizeof(float) * ROW_TILE * (size_t)K * m2) : NULL;
+        if (x && !buf) failed = 1;
+#pragma omp for schedule(static)
+        for (long tl = 0; tl < tiles; tl++) {
+            const long n0 = tl * ROW_TILE;
+            const long rows = N - n0 < ROW_TILE ? N - n0 : ROW_TILE;
+            const float *tt = t + n0 * (size_t)K * m2;
+            if (x) {
+                if (!buf) continue;
+                const size_t xs = (size_t)n1 * n2, ts = (size_t)K * m2;
+                /* constant q: the accumulators stay in registers */
+                switch (r * m2) {
+                    case 1: for (long n = 0; n < rows; n++) b_stage_row(x + (n0 + n) * xs, bpat, buf + n * ts, n1, n2, 1); break;
+                    case 2: for (long n = 0; n < rows; n++) b_stage_row(x + (n0 + n) * xs, bpat, buf + n * ts, n1, n2, 2); break;
+                    case 4: for (long n = 0; n < rows; n++) b_stage_row(x + (n0 + n) * xs, bpat, buf + n * ts, n1, n2, 4); break;
+                    case 8: for (long n = 0; n < rows; n++) b_stage_row(x + (n0 + n) * xs, bpat, buf + n * ts, n1, n2, 8); break;
+                    default: for (long n = 0; n < rows; n++) b_stage_row(x + (n0 + n) * xs, bpat, buf + n * ts, n1, n2, 16); break;
+                }
+                tt = buf;
+            }
+            /* the next tile's input, to prefetch while this one computes */
+            const long next = n0 + ROW_TILE < N ? (N - n0 - ROW_TILE < ROW_TILE ? N - n0 - ROW_TILE : ROW_TILE) : 0;
+            const char *pf = x ? (const char *)(x + (n0 + ROW_TILE) * (size_t)n1 * n2)
+                               : (const char *)(t + (n0 + ROW_TILE) * (size_t)K * m2);
+            const long pf_lines = next * (long)(x ? (size_t)n1 * n2 : (size_t)K * m2) * 4 / 64;
+            a_stage(tt, adp, bias, y + n0 * (size_t)M, rows, K, M, m2, pf, pf_lines);
+        }
+        free(buf);
+    }
+    free(bpat);
+    return failed ? -1 : 0;
+}
+
+/* y (N, M) = x (N, n1*n2) @ (sum_r A_r (x) B_r)^T + bias with A packed as ``adp`` (see a_stage).
+ * With x given (n1, n2 multiples of 16, r*m2 in {1, 2, 4, 8, 16}), the B-stage runs here from x and B
+ * (r, m2, n2), tile by tile; with x NULL, t (N, n1*r, m2) is the B-stage output computed by the
+ * caller. Needs M % 16 == 0 and m2 in {1, 2, 4, 8, 16}; returns 0 on success, -1 otherwise. */
+int kn_kron_forward(const float *x, const float *B, const float *t, const float *adp, const float *bias, float *y,
+                    long N, int n1, int n2, int r, int m2, int M, int threads) {
     if (M % 16 || N < 0) return -1;
+    if (x && (n1 % 16 || n2 % 16 || (r * m2 != 1 && r * m2 != 2 && r * m2 != 4 && r * m2 != 8 && r * m2 != 16)))
+        return -1;
+    if (!x && !t) return -1;
     switch (m2) {
-        case 1: run(t, adp, bias, y, N, K, 1, M, threads); return 0;
-        case 2: run(t, adp, bias, y, N, K, 2, M, threads); return 0;
-        case 4: run(t, adp, bias, y, N, K, 4, M, threads); return 0;
-        case 8: run(t, adp, bias, y, N, K, 8, M, threads); return 0;
-        case 16: run(t, adp, bias, y, N, K, 16, M, threads); return 0;
+        case 1: return run(x, B, t, adp, bias, y, N, n1, n2, r, 1, M, threads);
+        case 2: return run(x, B, t, adp, bias, y, N, n1, n2, r, 2, M, threads);
+        case 4: return run(x, B, t, adp, bias, y, N, n1, n2, r, 4, M, threads);
+        case 8: return run(x, B, t, adp, bias, y, N, n1, n2, r, 8, M, threads);
+        case 16: return run(x, B, t, adp, bias, y, N, n1, n2, r, 16, M, threads);
         default: return -1;
     }
 }
