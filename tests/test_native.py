@@ -26,12 +26,13 @@ def _machine_can_build() -> bool:
 
 
 # (rank, A (m1, n1), B (m2, n2)): m2 in 1..16, m1*m2 a multiple of 16, with and without a
-# partial 64-column block, and rank > 1. The first three take the kernel's own B-stage
-# (n1, n2 multiples of 16; rank*m2 = 2, 8, 1 values per j1), the others BLAS's.
+# partial 64-column block, and rank > 1. The first four take the kernel's own B-stage
+# (n1, n2 multiples of 16 with rank*m2 = 2, 8, 1 values per j1; B 2x2), the others BLAS's.
 NATIVE_SHAPES = [
     (1, (384, 48), (2, 16)),  # KroneckerBERT21's attention split
     (2, (16, 32), (4, 32)),
     (1, (32, 16), (1, 16)),
+    (1, (24, 16), (2, 2)),  # B 2x2 (KroneckerBERT8's attention split): its own fused B-stage
     (1, (40, 8), (2, 3)),
     (3, (24, 4), (4, 5)),
     (2, (8, 6), (16, 4)),

@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import native
+from .native import native_kronecker_linear, native_supported
 
 __all__ = [
     "nearest_kronecker",
@@ -312,8 +312,8 @@ def _order_a_first_ew(x3, A, B, bias):
 
 
 def _order_native(x3, A, B, bias):
-    if native.native_supported(A, B, x3):
-        return native.native_kronecker_linear(x3, A, B, bias)
+    if native_supported(A, B, x3):
+        return native_kronecker_linear(x3, A, B, bias)
     return _order_b_first_t(x3, A, B, bias)
 
 
@@ -382,7 +382,7 @@ def _candidates(A: torch.Tensor, B: torch.Tensor, x: Optional[torch.Tensor] = No
             out.append("b_first_t")  # few output columns per A-block: transpose to flat matmuls
         if n1 * r <= 8:
             out.append("b_first_ew")  # A tiny: a few fused passes beat N tiny matmuls
-        if x is not None and m2 <= 16 and native.native_supported(A, B, x):
+        if x is not None and m2 <= 16 and native_supported(A, B, x):
             out.append("native")  # B with few rows: one fused pass, no output transpose
     if fa <= 3 * fb:
         out.append("a_first")
