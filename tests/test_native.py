@@ -38,6 +38,8 @@ NATIVE_SHAPES = [
     (2, (8, 6), (16, 4)),
     (1, (16, 12), (1, 8)),
     (1, (12, 7), (8, 2)),
+    (1, (8, 2), (40, 24)),  # small A, wide B: the bias-fused A-stage (m2 = 40: a masked tail)
+    (2, (4, 3), (32, 5)),
 ]
 
 

@@ -382,8 +382,8 @@ def _candidates(A: torch.Tensor, B: torch.Tensor, x: Optional[torch.Tensor] = No
             out.append("b_first_t")  # few output columns per A-block: transpose to flat matmuls
         if n1 * r <= 8:
             out.append("b_first_ew")  # A tiny: a few fused passes beat N tiny matmuls
-        if x is not None and m2 <= 16 and native_supported(A, B, x):
-            out.append("native")  # B with few rows: one fused pass, no output transpose
+        if x is not None and native_supported(A, B, x):
+            out.append("native")  # B with few rows: one fused pass, no output transpose; tiny A: bias fused
     if fa <= 3 * fb:
         out.append("a_first")
         if m1 * r <= 64:

@@ -86,6 +86,9 @@ def _build() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(path)
     if not lib.kn_cpu_has_avx512():
         return None
+    g = lib.kn_small_a_stage
+    g.restype = ctypes.c_int
+    g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4
     lib.kn_fuses_b_stage.restype = ctypes.c_int
     lib.kn_fuses_b_stage.argtypes = [ctypes.c_int] * 4
     f = lib.kn_kron_forward
@@ -104,14 +107,29 @@ def _library() -> Optional[ctypes.CDLL]:
     return _lib
 
 
+_SMALL_A = 256  # A (rank, m1, n1) with at most this many entries takes the small-A kernel
+
+
+def _layout(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
+    """Which kernel fits: ``"large_a"`` (B with 1-16 rows, ``m1·m2`` a multiple of 16: the
+    fused interleave), ``"small_a"`` (A with at most 256 entries and B with more than 16
+    rows: the bias-fused streaming A-stage), or ``None``."""
+    r, m1, n1 = A.shape
+    m2 = B.shape[1]
+    if m2 in _M2_SUPPORTED and (m1 * m2) % 16 == 0:
+        return "large_a"
+    if m2 > 16 and r * m1 * n1 <= _SMALL_A:
+        return "small_a"
+    return None
+
+
 def native_supported(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :func:`native_kronecker_linear` can compute ``x @ (Σ A_r ⊗ B_r)ᵀ`` here:
-    float32 CPU tensors, ``B`` with 1, 2, 4, 8 or 16 rows, ``m1·m2`` a multiple of 16, no
-    autograd, and the kernel built (on the first call)."""
-    m2 = B.shape[1]
+    float32 CPU tensors, a shape one of the kernels covers (see :func:`_layout`), no autograd,
+    and the kernel built (on the first call)."""
     if x.device.type != "cpu" or A.device.type != "cpu" or x.dtype != torch.float32 or A.dtype != torch.float32:
         return False
-    if m2 not in _M2_SUPPORTED or (A.shape[1] * m2) % 16:
+    if _layout(A, B) is None:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
         return False
@@ -162,6 +180,18 @@ def native_kronecker_linear(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     N, n1, n2 = x3.shape
     r, m1, _ = A.shape
     m2 = B.shape[1]
+    if _layout(A, B) == "small_a":
+        # B-stage by BLAS into t (N, n1*r, m2), then the A-stage and the bias in one pass
+        t = (x3.reshape(N * n1, n2) @ B.detach().reshape(r * m2, n2).T).contiguous()
+        acat = A.detach().permute(1, 2, 0).reshape(m1, n1 * r).contiguous()  # column (j1, r), like t
+        b = bias.contiguous() if bias is not None else None
+        y = torch.empty(N, m1 * m2, dtype=x3.dtype, device=x3.device)
+        rc = lib.kn_small_a_stage(t.data_ptr(), acat.data_ptr(), b.data_ptr() if b is not None else None,
+                                  y.data_ptr(), N, n1 * r, m1, m2, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"the native Kronecker kernel rejected x {tuple(x3.shape)}, A {tuple(A.shape)}, "
+                               f"B {tuple(B.shape)}")
+        return y
     # the cache key is the factor itself: with rank folded in, A is (rank, m1, n1) already
     adp = _pack_a(A, m2)
     b = bias.contiguous() if bias is not None else None  # data_ptr needs no detach
@@ -427,6 +457,35 @@ KN_INLINE int run(const float *x, const float *B, const float *t, const float *a
     }
     free(bpat);
     return failed ? -1 : 0;
+}
+
+/* The A-stage for a small A and a wide B (e.g. A 8x2 (x) B 384x384, KroneckerBERT8's FFN):
+ * y[n, i1*m2 + c] = bias[i1*m2 + c] + sum_k acat[i1, k] t[n, k, c] with t (N, K, m2) the B-stage
+ * output and acat (m1, K). One streaming pass writes y with the bias in it, instead of a batched
+ * matmul of N tiny products and then a bias pass over the (large) output. Any m2 >= 1. */
+int kn_small_a_stage(const float *t, const float *acat, const float *bias, float *y, long N, int K, int m1, int m2,
+                     int threads) {
+    if (N < 0 || K < 1 || m1 < 1 || m2 < 1) return -1;
+    if (threads < 1) threads = 1;
+    if (N < threads) threads = N > 0 ? (int)N : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++) {
+        const float *tn = t + n * (size_t)K * m2;
+        float *yn = y + n * (size_t)m1 * m2;
+        for (int i1 = 0; i1 < m1; i1++) {
+            const float *a = acat + (size_t)i1 * K;
+            const float *b = bias ? bias + (size_t)i1 * m2 : NULL;
+            float *out = yn + (size_t)i1 * m2;
+            for (int c = 0; c < m2; c += 16) {
+                const __mmask16 mask = m2 - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m2 - c)) - 1u);
+                __m512 acc = b ? _mm512_maskz_loadu_ps(mask, b + c) : _mm512_setzero_ps();
+                for (int k = 0; k < K; k++)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), _mm512_maskz_loadu_ps(mask, tn + (size_t)k * m2 + c), acc);
+                _mm512_mask_storeu_ps(out + c, mask, acc);
+            }
+        }
+    }
+    return 0;
 }
 
 /* Whether kn_kron_forward can compute the B-stage itself for these shapes. */
