@@ -33,7 +33,18 @@ DISTILGPT2_PARAMS = 81_912_576  # GPT2Config(n_layer=6): the size of DistilGPT2 
 
 
 def _gpt2_at_size(target: int, tie: bool):
-    """A KnGPT2 with every layer (and wte) compressed, total parameters closest to ``target`` from below."""
+    """A KnGPT2 with every layer compressed, total parameters (head counted) closest to ``target`` from below.
+
+    The embedding is fixed first and the 12 layers get the rest of the budget (their per-matrix
+    fraction is bisected for ranks 1-3; the factor splits are discrete, so the total lands just
+    below):
+
+    - ``tie=False`` (dense head): ``wte`` dense and the paper's untied dense head, which puts the
+      budget where it costs no FLOPs (a lookup and the head every model pays) and leaves ~4M
+      for the layers;
+    - ``tie=True``: ``wte`` Kronecker with the paper's ``A 1x2`` split, the head tied to it and
+      computed factored (``KroneckerEmbedding.logits``); the layers get ~62M.
+    """
     from transformers import GPT2Config
 
     from kn_transformers import KnGPT2LMHeadModel, kngpt2_config_from_gpt2
@@ -41,19 +52,30 @@ def _gpt2_at_size(target: int, tie: bool):
 
     import torch
 
-    def build(fraction):
-        cfg = kngpt2_config_from_gpt2(GPT2Config(), preset=None, target_fraction=fraction, tie_word_embeddings=tie)
+    def build(fraction, rank):
+        layers = kngpt2_config_from_gpt2(GPT2Config(), preset=None, target_fraction=fraction, embedding=False,
+                                         rank=rank)
+        factors = dict(layers.kronecker_factors)
+        if tie:
+            factors["wte"] = {"a_shape": [1, 2], "rank": 1}
+        cfg = kngpt2_config_from_gpt2(GPT2Config(), preset=None, kronecker_factors=factors, tie_word_embeddings=tie)
         with torch.device("meta"):
             return cfg, count_parameters(KnGPT2LMHeadModel(cfg))
 
-    lo, hi, best = 0.01, 0.95, None
-    for _ in range(14):  # bisection on the per-matrix fraction
-        mid = (lo + hi) / 2
-        cfg, n = build(mid)
-        if n <= target:
-            lo, best = mid, cfg
-        else:
-            hi = mid
+    best, best_n = None, 0
+    for rank in (1, 2, 3):  # rank 1 alone jumps from half size (A 1x2) to dense
+        lo, hi = 0.001, 0.999
+        for _ in range(16):  # bisection on the layers' per-matrix fraction
+            mid = (lo + hi) / 2
+            cfg, n = build(mid, rank)
+            if n <= target:
+                lo = mid
+                if n > best_n:
+                    best, best_n = cfg, n
+            else:
+                hi = mid
+    if best is None:
+        raise RuntimeError(f"no KnGPT2 fits in {target} parameters")
     return KnGPT2LMHeadModel(best)
 
 

@@ -36,6 +36,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 from transformers.utils import can_return_tuple
 
+from .activations import inplace_activation, may_overwrite
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kngpt2 import KnGPT2Config
 from .kronecker import KroneckerEmbedding, KroneckerLinear
@@ -119,6 +120,28 @@ def _kronecker_linear_like(conv: nn.Module, spec: dict) -> KroneckerLinear:
     )
 
 
+class KnGPT2MLP(GPT2MLP):
+    """GPT-2's MLP (same parameters and values); without autograd the activation overwrites
+    ``c_fc``'s fresh output (see ``activations``; ``gelu_new`` allocates seven temporaries)."""
+
+    @classmethod
+    def from_mlp(cls, module: GPT2MLP, config) -> "KnGPT2MLP":
+        """Takes over ``module``'s submodules (no new parameters, no RNG draws)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.c_fc, new.c_proj, new.act, new.dropout = module.c_fc, module.c_proj, module.act, module.dropout
+        new._inplace_act = inplace_activation(config.activation_function)
+        return new
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(hidden_states)
+        if self._inplace_act is not None and may_overwrite(h, self.c_fc, hidden_states):
+            h = self._inplace_act(h)
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
+
+
 class KnGPT2Model(KnGPT2PreTrainedModel, GPT2Model):
     """GPT-2's transformer with the modules in ``config.kronecker_factors`` made Kronecker.
 
@@ -142,6 +165,8 @@ class KnGPT2Model(KnGPT2PreTrainedModel, GPT2Model):
 
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([GPT2Block(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        for block in self.h:
+            block.mlp = KnGPT2MLP.from_mlp(block.mlp, config)
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
         for name, spec in (config.kronecker_factors or {}).items():
