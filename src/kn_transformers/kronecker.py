@@ -208,6 +208,23 @@ def _a_cat(A: torch.Tensor) -> torch.Tensor:
     return A.permute(1, 2, 0).reshape(m1, n1 * r)
 
 
+def _b_last(t: torch.Tensor, B: torch.Tensor, rows: int) -> torch.Tensor:
+    """``y[(N, i1), i2] = Σ_r Σ_j2 t[N, (i1, r), j2] B_r[i2, j2]``: the B-stage of the A-first
+    orders, ``(rows, m2)`` from ``t`` ``(N, m1*r, n2)`` with ``rows = N*m1``.
+
+    Rank 1 is one matmul with a view of ``B``; higher ranks accumulate one matmul per term
+    on strided views. Folding the rank into one matmul would copy ``B`` into ``(r*n2, m2)``
+    order on every call, which for a large ``B`` (e.g. 2304x256) costs more than the product
+    itself at a few tokens (1 ms per call in generation).
+    """
+    r, m2, n2 = B.shape
+    tv = t.reshape(rows, r, n2)
+    y = tv[:, 0, :] @ B[0].T
+    for k in range(1, r):
+        y = y.addmm_(tv[:, k, :], B[k].T)
+    return y
+
+
 def _add_bias_(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # In place on a fresh matmul output (its backward does not need it): saves a full-size
     # allocation and a pass compared with ``y + bias``.
@@ -233,9 +250,7 @@ def _order_a_first(x3, A, B, bias):
     # (m1*r, n1) @ (N, n1, n2) -> (N, m1*r, n2) == (N*m1, r*n2) ; @ (r*n2, m2) -> (N*m1, m2)
     a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)
     t = torch.matmul(a_stack, x3)
-    b_cat = B.permute(0, 2, 1).reshape(r * n2, m2)
-    y = t.reshape(N * m1, r * n2) @ b_cat
-    return _add_bias_(y.view(N, m1 * m2), bias)
+    return _add_bias_(_b_last(t, B, N * m1).view(N, m1 * m2), bias)
 
 
 def _order_b_first_bmm(x3, A, B, bias):
@@ -254,9 +269,7 @@ def _order_a_first_bmm(x3, A, B, bias):
     m2 = B.shape[1]
     a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)
     t = torch.bmm(a_stack.expand(N, m1 * r, n1), x3)  # (N, m1*r, n2), contiguous
-    b_cat = B.permute(0, 2, 1).reshape(r * n2, m2)
-    y = t.view(N * m1, r * n2) @ b_cat
-    return _add_bias_(y.view(N, m1 * m2), bias)
+    return _add_bias_(_b_last(t, B, N * m1).view(N, m1 * m2), bias)
 
 
 def _order_b_first_t(x3, A, B, bias):
@@ -306,9 +319,7 @@ def _order_a_first_ew(x3, A, B, bias):
             t = xj * aj
         else:
             t.addcmul_(xj, aj)
-    b_cat = B.permute(0, 2, 1).reshape(r * n2, m2)
-    y = t.reshape(N * m1, r * n2) @ b_cat
-    return _add_bias_(y.view(N, m1 * m2), bias)
+    return _add_bias_(_b_last(t, B, N * m1).view(N, m1 * m2), bias)
 
 
 def _order_native(x3, A, B, bias):
