@@ -5,6 +5,7 @@ Random weights (speed does not depend on their values). For each model, in a fre
 their ratio to parameters x 4 bytes, prefill / encoder time, generation time, peak RSS.
 
     python benchmarks/bench_models.py [--threads 2] [--repeats 5] [--json results.json] [--only gpt2|bert]
+        [--malloc_large_blocks]
 
 GPT-2 family: prefill = one forward of batch 8 x 128 tokens; generation = greedy, batch 1,
 a 16-token prompt, 64 new tokens with the KV cache. BERT family: one forward of 32 x 128.
@@ -29,6 +30,12 @@ MODELS = {
              "gpt2-6-layer"],
     "bert": ["bert-base", "kroneckerbert8", "kroneckerbert21"],
 }
+# With glibc's defaults a block over 32 MB is always a fresh mmap, so every 50 MB FFN activation
+# of BERT-base at 32 x 128 tokens is page-faulted in again (~10 ms each here). These settings keep
+# freed blocks for reuse, as a caching allocator (jemalloc, tcmalloc: PyTorch's CPU tuning guide)
+# would. Every model of a run gets the same environment.
+MALLOC_LARGE_BLOCKS = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073741824",
+                       "MALLOC_TOP_PAD_": "268435456"}
 DISTILGPT2_PARAMS = 81_912_576  # GPT2Config(n_layer=6): the size of DistilGPT2 (tied head)
 
 
@@ -147,6 +154,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", choices=sorted(MODELS))
+    p.add_argument("--malloc_large_blocks", action="store_true",
+                   help="run every model with glibc malloc keeping large blocks (see MALLOC_LARGE_BLOCKS)")
     p.add_argument("--markdown", help="also write the printed tables to this file (RESULTS.md includes it)")
     p.add_argument("--json")
     p.add_argument("--_one", help=argparse.SUPPRESS)
@@ -159,13 +168,16 @@ def main():
     rows = []
     for family in [args.only] if args.only else list(MODELS):
         for name in MODELS[family]:
+            env = dict(os.environ, **(MALLOC_LARGE_BLOCKS if args.malloc_large_blocks else {}))
             proc = subprocess.run([sys.executable, __file__, "--_one", name, "--threads", str(args.threads),
-                                   "--repeats", str(args.repeats)], capture_output=True, text=True)
+                                   "--repeats", str(args.repeats)], capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"measured {name}", file=sys.stderr, flush=True)
-    print(f"CPU, {args.threads} threads, fp32, random weights; times are medians of {args.repeats} runs; "
+    malloc = ("glibc malloc keeping large blocks (" + " ".join(f"{k}={v}" for k, v in MALLOC_LARGE_BLOCKS.items())
+              + ")" if args.malloc_large_blocks else "glibc malloc defaults")
+    print(f"CPU, {args.threads} threads, fp32, random weights, {malloc}; times are medians of {args.repeats} runs; "
           "speed-up = baseline time / model time.\n")
     for family, base, cols in (("gpt2", "gpt2-small", ("prefill_s", "generate_s")), ("bert", "bert-base", ("forward_s",))):
         fam = [r for r in rows if r["model"] in MODELS[family]]
@@ -182,7 +194,8 @@ def main():
         print()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"threads": args.threads, "repeats": args.repeats, "malloc_large_blocks": args.malloc_large_blocks,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

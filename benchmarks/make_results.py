@@ -432,6 +432,83 @@ def update_readme(path: str, abls: list, lm: Optional[dict]) -> bool:
 # -- the document -------------------------------------------------------------------------------
 
 
+SPEED_RUNS = [  # (file stem, heading, command)
+    ("speed_kronecker", "Kronecker layers vs dense",
+     ".venv/bin/python benchmarks/bench_kronecker.py --markdown benchmarks/results/speed_kronecker.md "
+     "--json benchmarks/results/speed_kronecker.json"),
+    ("speed_models", "Whole models, glibc malloc defaults",
+     ".venv/bin/python benchmarks/bench_models.py --repeats 3 --markdown benchmarks/results/speed_models.md "
+     "--json benchmarks/results/speed_models.json"),
+    ("speed_models_malloc", "Whole models, malloc keeping large blocks",
+     ".venv/bin/python benchmarks/bench_models.py --repeats 3 --malloc_large_blocks "
+     "--markdown benchmarks/results/speed_models_malloc.md --json benchmarks/results/speed_models_malloc.json"),
+]
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def kronecker_targets(rows: list) -> list[str]:
+    """Issue #2's targets, checked on bench_kronecker's rows."""
+    out = ["| target | split | needed | measured | |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "linear" and r["why"].startswith("paper") and r["tokens"] == 1024:
+            need = 0.7 * r["flop_ratio"]
+            split = f"{r['n_in']}→{r['n_out']} A {r['a_shape'][0]}×{r['a_shape'][1]} ⊗ B {r['b_shape'][0]}×{r['b_shape'][1]}"
+            out.append(f"| papers' split, forward at 1024 tokens ≥ 70% of the FLOP ratio | {split} | {need:.2f}x | "
+                       f"{r['fwd_speedup']:.2f}x | {_verdict(r['fwd_speedup'] >= need)} |")
+    lin = [r for r in rows if r["kind"] == "linear" and r["tokens"] >= 8]
+    for bound, key, what in ((2, "fwd_speedup", "forward"), (4, "fb_speedup", "forward+backward")):
+        sel = [r for r in lin if r["flop_ratio"] >= bound]
+        if sel:
+            worst = min(sel, key=lambda r: r[key])
+            split = f"A {worst['a_shape'][0]}×{worst['a_shape'][1]}, {worst['tokens']} tokens"
+            out.append(f"| FLOP ratio ≥ {bound}: {what} faster than dense from 8 tokens (slowest case) | {split} | "
+                       f"> 1x | {worst[key]:.2f}x | {_verdict(worst[key] > 1)} |")
+    return out
+
+
+def model_targets(d: dict) -> list[str]:
+    """Issue #7's speed and checkpoint targets, checked on one bench_models run."""
+    rows = {r["model"]: r for r in d["rows"]}
+    out = ["| target | needed | measured | |", "|---|---|---|---|"]
+    if "bert-base" in rows:
+        for name, need in (("kroneckerbert8", 2.5), ("kroneckerbert21", 4.0)):
+            if name in rows:
+                x = rows["bert-base"]["forward_s"] / rows[name]["forward_s"]
+                out.append(f"| {name} forward vs BERT-base | ≥ {need}x | {x:.2f}x | {_verdict(x >= need)} |")
+    six = rows.get("gpt2-6-layer")
+    for name in ("kngpt2-distil-size-dense-head", "kngpt2-distil-size-tied-head"):
+        if six and name in rows:
+            for col, what in (("prefill_s", "prefill"), ("generate_s", "generation")):
+                x = six[col] / rows[name][col]
+                out.append(f"| {name} ({rows[name]['parameters'] / 1e6:.1f}M) {what} vs the 6-layer GPT-2 "
+                           f"({six['parameters'] / 1e6:.1f}M) | ≥ 1.00x | {x:.2f}x | {_verdict(x >= 1)} |")
+    worst = max(d["rows"], key=lambda r: abs(r["checkpoint_vs_params_x4"] - 1))
+    dev = abs(worst["checkpoint_vs_params_x4"] - 1)
+    out.append(f"| every checkpoint within 2% of parameters x 4 bytes (worst: {worst['model']}) | ≤ 2% | "
+               f"{100 * dev:.2f}% | {_verdict(dev <= 0.02)} |")
+    return out
+
+
+def speed_section(results_dir: str) -> list[str]:
+    doc = []
+    for stem, heading, command in SPEED_RUNS:
+        md = os.path.join(results_dir, stem + ".md")
+        if not os.path.exists(md):
+            doc += [f"### {heading}", "", f"_Not run yet: `{command}`._", ""]
+            continue
+        with open(md) as f:
+            doc += [f"### {heading}", "", "```bash", command, "```", "", f.read().strip(), ""]
+        data = load(os.path.join(results_dir, stem + ".json"))
+        if data is None:
+            continue
+        doc += ["Targets, checked by `make_results.py` on these numbers:", ""]
+        doc += (kronecker_targets(data) if stem == "speed_kronecker" else model_targets(data)) + [""]
+    return doc
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     _DOC_DIR[0] = os.path.dirname(os.path.abspath(args.output))
@@ -451,14 +528,7 @@ def main(argv=None) -> str:
            "regenerate this file with `.venv/bin/python benchmarks/make_results.py`. "
            "`benchmarks/README.md` lists every command with its run time.", "",
            "## Speed and memory", ""]
-    speed = os.path.join(args.results_dir, "speed.md")
-    if os.path.exists(speed):
-        with open(speed) as f:
-            doc += [f.read().strip(), ""]
-    else:
-        doc += ["<!-- SPEED TABLES: included from benchmarks/results/speed.md (written by the speed benchmarks, "
-                "benchmarks/bench_models.py and benchmarks/bench_kronecker.py) when it exists. -->",
-                "_Speed tables pending: `benchmarks/results/speed.md` does not exist yet._", ""]
+    doc += speed_section(args.results_dir)
     if abls:
         doc += ablation_section(abls[0][1], charts[abls[0][0]])
         for n, a in abls[1:]:

@@ -78,6 +78,8 @@ def parse_args(argv=None):
                    help="task:stage-2 steps, the same for the three variants")
     p.add_argument("--teacher_lr", type=float, default=1e-4)
     p.add_argument("--student_lr", type=float, default=5e-4)
+    p.add_argument("--stage2_weights", default="",
+                   help="term=weight overrides of the 'kroneckerbert' preset in stage 2, e.g. 'attention=0.1'")
     p.add_argument("--stage1_steps", type=int, default=50)
     p.add_argument("--stage1_batch_size", type=int, default=16)
     p.add_argument("--stage1_block_size", type=int, default=128)
@@ -91,6 +93,8 @@ def parse_args(argv=None):
                         "another job also uses ran 5-10x slower per step (OpenMP threads waiting on each other)")
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kroneckerbert_ablation.json"))
     a = p.parse_args(argv)
+    a.stage2_weights = {k.strip() + "_weight": float(v) for k, v in
+                        (item.split("=") for item in a.stage2_weights.split(",") if item)}
     for name in ("train_rows", "max_length", "batch_size", "teacher_steps", "student_steps"):
         setattr(a, name, _per_task(getattr(a, name), a.tasks, name))
     return a
@@ -294,7 +298,7 @@ def run_task(args, task: str, teacher_path: str, tokenizer, stage1_states: dict,
                 trainer = Trainer(model=student, args=sargs, train_dataset=train_set, data_collator=collate)
             else:
                 sargs = training_args(DistillationArguments, args, name, steps, args.student_lr, batch,
-                                      distill_preset="kroneckerbert")
+                                      distill_preset="kroneckerbert", **args.stage2_weights)
                 trainer = ILKDTrainer(model=student, teacher_model=teacher, args=sargs, train_dataset=train_set,
                                       data_collator=collate)
             seconds = train(trainer)
@@ -349,7 +353,7 @@ def main(argv=None) -> dict:
         "variants": list(VARIANTS),
         "budgets": {k: getattr(args, k) for k in (
             "tasks", "presets", "train_rows", "max_length", "batch_size", "teacher_steps", "student_steps",
-            "teacher_lr", "student_lr", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
+            "teacher_lr", "student_lr", "stage2_weights", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
             "stage1_holdout", "stage1_eval_blocks", "seed")},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),

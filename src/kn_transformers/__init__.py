@@ -23,6 +23,7 @@ from .convert_bert import KroneckerBertPreset, kronecker_bert_config, kronecker_
 from .convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2
 from .distillation import DISTILLATION_PRESETS, DistillationArguments, ILKDTrainer
 from .kronecker import (
+    KRONECKER_ORDERS,
     FactorChoice,
     KroneckerEmbedding,
     KroneckerLinear,
@@ -89,4 +90,5 @@ __all__ = [
     "kronecker_to_dense",
     "nearest_kronecker",
     "set_kronecker_autotune",
+    "KRONECKER_ORDERS",
 ]
