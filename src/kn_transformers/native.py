@@ -236,6 +236,7 @@ KERNEL_SOURCE = r"""/*
  * so Python threads split the rows).
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -284,7 +285,7 @@ KN_INLINE void tile(const float *t, const float *ad, const float *bias, float *y
 #define ROWS 6       /* rows per register tile */
 #define CHUNKS 4     /* 16-lane chunks per register tile: 6 x 4 accumulators */
 #define CW (16 * CHUNKS)
-#define ROW_TILE 24  /* rows per cache tile: A is swept once per tile, the tile's t stays in L1 */
+#define ROW_TILE 48  /* rows per cache tile: A is swept once per tile, the tile's t stays in L1 */
 
 /* The A-stage for rows [0, rows) of a tile: t (rows, K, m2) -> y (rows, M). ``adp`` holds
  * ``a_dup`` packed by column blocks: block c0 (width w = min(64, M - c0)) at adp + c0*K,
@@ -417,6 +418,7 @@ KN_INLINE int run(const float *x, const float *B, const float *t, const float *a
     if (threads < 1) threads = 1;
     int failed = 0;
     float *bpat = NULL;
+    if (N == 0) return 0;
     if (x && n2 % 16 == 0) {
         bpat = (float *)malloc(sizeof(float) * (size_t)(n2 / 16) * r * m2 * 64);
         if (!bpat) return -1;
@@ -424,15 +426,18 @@ KN_INLINE int run(const float *x, const float *B, const float *t, const float *a
     }
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
+        /* equal row ranges per thread (multiples of ROWS), then tiles within each: an even split
+         * of N rows, where tiles dealt round the threads leave one up to a tile ahead */
+        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        long lo = N * tid / nth, hi = N * (tid + 1) / nth;
+        lo -= lo % ROWS;
+        if (tid + 1 < nth) hi -= hi % ROWS;
         float *buf = x ? (float *)malloc(sizeof(float) * ROW_TILE * (size_t)K * m2) : NULL;
         if (x && !buf) failed = 1;
-#pragma omp for schedule(static)
-        for (long tl = 0; tl < tiles; tl++) {
-            const long n0 = tl * ROW_TILE;
-            const long rows = N - n0 < ROW_TILE ? N - n0 : ROW_TILE;
+        for (long n0 = lo; n0 < hi && !(x && !buf); n0 += ROW_TILE) {
+            const long rows = hi - n0 < ROW_TILE ? hi - n0 : ROW_TILE;
             const float *tt = t + n0 * (size_t)K * m2;
             if (x) {
-                if (!buf) continue;
                 const size_t xs = (size_t)n1 * n2, ts = (size_t)K * m2;
                 /* constant q: the accumulators stay in registers */
                 if (n2 == 2 && m2 == 2 && r == 1) {
@@ -447,7 +452,7 @@ KN_INLINE int run(const float *x, const float *B, const float *t, const float *a
                 tt = buf;
             }
             /* the next tile's input, to prefetch while this one computes */
-            const long next = n0 + ROW_TILE < N ? (N - n0 - ROW_TILE < ROW_TILE ? N - n0 - ROW_TILE : ROW_TILE) : 0;
+            const long next = n0 + ROW_TILE < hi ? (hi - n0 - ROW_TILE < ROW_TILE ? hi - n0 - ROW_TILE : ROW_TILE) : 0;
             const char *pf = x ? (const char *)(x + (n0 + ROW_TILE) * (size_t)n1 * n2)
                                : (const char *)(t + (n0 + ROW_TILE) * (size_t)K * m2);
             const long pf_lines = next * (long)(x ? (size_t)n1 * n2 : (size_t)K * m2) * 4 / 64;
