@@ -83,8 +83,13 @@ def test_native_layer_in_inference_and_training():
 
 def test_packed_factor_cache_sees_every_update():
     torch.manual_seed(0)
-    k = KroneckerLinear(96, 64, (32, 12), order="native")  # B 2x8
-    x = torch.randn(4, 96)
+    # B 2x8 (large-A kernel, BLAS B-stage), B 2x16 (large-A kernel, its own B-stage), B 32x24 (small-A kernel)
+    for n_in, a_shape in ((96, (32, 12)), (256, (32, 16)), (96, (2, 4))):
+        _check_cache_updates(KroneckerLinear(n_in, 64, a_shape, order="native"))
+
+
+def _check_cache_updates(k):
+    x = torch.randn(4, k.in_features)
 
     def check():
         y = k(x)
@@ -97,6 +102,10 @@ def test_packed_factor_cache_sees_every_update():
         y1 = check()
         k.A.data.mul_(-1.0)  # through .data: the version does not change, the values do
         y2 = check()
+        k.B.data.mul_(3.0)  # B is cached too (as the B-stage operand)
+        check()
+        k.B.add_(0.5)
+        check()
         k.load_state_dict({n: p.clone() * 0.5 for n, p in k.state_dict().items()})
         check()
     assert not torch.allclose(y0, y1) and not torch.allclose(y1, y2)
