@@ -172,6 +172,10 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
     if chart:
         out += [f"![KroneckerBERT ablation]({rel(chart)})", ""]
     out += ["Budgets: " + ", ".join(f"`{k}={v}`" for k, v in b.items()), ""]
+    if "stage2_weights" not in b:
+        out += ["This run predates `--stage2_weights`: stage 2 used the paper's unit weights, and the script's "
+                "defaults were the budgets above (`benchmarks/README.md` gives the command that repeats it today).",
+                ""]
     return out
 
 
@@ -277,10 +281,16 @@ def ablation_reading(d: Optional[dict]) -> list[str]:
               if v != "labels" and r.get("last_logged_terms") and r["last_logged_terms"].get("loss_labels")
               and "loss_attention" in r["last_logged_terms"]]
     if ratios:
-        lines.append(f"- Loss balance: with the paper's unweighted sum, the attention-score MSE term is "
-                     f"{min(ratios):.0f}x to {max(ratios):.0f}x the label cross-entropy at the last logged step of "
-                     "the ILKD runs" + (", so within a short stage 2 the gradient mostly serves the intermediate "
-                                         "matches, not the task." if min(ratios) > 5 else "."))
+        w = (d["budgets"].get("stage2_weights") or {}).get("attention_weight", 1.0)
+        if w == 1.0:
+            lines.append(f"- Loss balance: with the paper's unweighted sum, the attention-score MSE term is "
+                         f"{min(ratios):.0f}x to {max(ratios):.0f}x the label cross-entropy at the last logged step "
+                         "of the ILKD runs" + (", so within a short stage 2 the gradient mostly serves the "
+                                               "intermediate matches, not the task." if min(ratios) > 5 else "."))
+        else:
+            lines.append(f"- Loss balance: the attention-score MSE term (weight {w:g} here instead of the paper's 1) "
+                         f"is {min(ratios):.0f}x to {max(ratios):.0f}x the label cross-entropy at the last logged "
+                         f"step of the ILKD runs, {w * min(ratios):.1f}x to {w * max(ratios):.1f}x after weighting.")
     s1 = d.get("stage1", {})
     for p, s in s1.items():
         b, a = s["heldout_before"]["eval_loss"], s["heldout_after"]["eval_loss"]
