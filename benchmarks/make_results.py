@@ -525,6 +525,15 @@ def speed_section(results_dir: str) -> list[str]:
             continue
         doc += ["Targets, checked by `make_results.py` on these numbers:", ""]
         doc += (kronecker_targets(data) if stem == "speed_kronecker" else model_targets(data)) + [""]
+    if any(os.path.exists(os.path.join(results_dir, f"{stem}.json")) for stem in ("speed_models", "speed_models_malloc")):
+        doc += ["Why the tied-head KnGPT2 cannot beat the 6-layer GPT-2 at equal size: a Kronecker layer costs at "
+                "least as many multiply-adds per token as it has parameters (for `A m1×n1 ⊗ B m2×n2` they are "
+                "`m2·n1·(n2 + m1)` against `m1·n1 + m2·n2`), like a dense layer. With the embedding compressed "
+                "(tied, factored head) most of the 81.9M budget has to sit in the 12 layers, so they carry the "
+                "6-layer model's layer FLOPs and bytes and twice its per-block work (attention, LayerNorms, "
+                "activations, framework overhead): generation at batch 1, which reads every layer's weights per "
+                "token, is slower. The dense-head model spends its budget on the embedding, which costs a lookup, "
+                "and its 12 layers hold ~3.7M parameters: it is faster in both.", ""]
     return doc
 
 
