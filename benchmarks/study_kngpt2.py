@@ -33,7 +33,6 @@ Writes ``benchmarks/results/kngpt2_vs_distilgpt2.json`` (rewritten after each st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -62,8 +61,7 @@ from kn_transformers import DistillationArguments, ILKDTrainer, kngpt2_from_gpt2
 from kn_transformers.conversion import count_parameters  # noqa: E402
 from kn_transformers.perplexity import sliding_window_perplexity  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, log, save  # noqa: E402  (benchmarks/_study.py)
 
 
 def parse_args(argv=None):
@@ -84,15 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--ppl_stride", type=int, default=None, help="sliding-window stride; default block_size")
     p.add_argument("--students", nargs="+", default=["distilgpt2_style", "kngpt2"])
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 by default because the machine is shared: two threads on a core that "
-                        "another job also uses ran 5-10x slower per step (OpenMP threads waiting on each other)")
+    add_threads_arg(p)
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kngpt2_vs_distilgpt2.json"))
     return p.parse_args(argv)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def load_tokens(args, tokenizer) -> torch.Tensor:
@@ -119,13 +111,6 @@ def training_args(cls, args, name: str, steps: int, lr: float, **extra):
         lr_scheduler_type="linear", logging_steps=max(steps // 10, 1), save_strategy="no", eval_strategy="no",
         report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=True, disable_tqdm=True, **extra,
     )
-
-
-class Progress(TrainerCallback):
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            extra = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss_"))
-            log(f"    step {state.global_step}/{state.max_steps} loss={logs['loss']:.4g} {extra}")
 
 
 class PerplexityCurve(TrainerCallback):
@@ -162,15 +147,6 @@ def distilgpt2_style(teacher: GPT2LMHeadModel) -> GPT2LMHeadModel:
     student.load_state_dict(state)
     student.tie_weights()
     return student
-
-
-def save(args, results) -> None:
-    results["wall_seconds"] = time.perf_counter() - args.t_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, args.output)
 
 
 def main(argv=None) -> dict:

@@ -58,8 +58,7 @@ from kn_transformers import DistillationArguments, ILKDTrainer, kronecker_bert_f
 from kn_transformers.conversion import count_parameters  # noqa: E402
 from kn_transformers.glue import get_task, glue_metrics  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, log, save  # noqa: E402  (benchmarks/_study.py)
 VARIANTS = ("stage1+ILKD", "ILKD", "labels")
 
 
@@ -91,9 +90,7 @@ def parse_args(argv=None):
     p.add_argument("--stage1_eval_blocks", type=int, default=32, help="held-out blocks scored (cost cap)")
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; 1 by default because the machine is shared: two threads on a core that "
-                        "another job also uses ran 5-10x slower per step (OpenMP threads waiting on each other)")
+    add_threads_arg(p)
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kroneckerbert_ablation.json"))
     a = p.parse_args(argv)
     a.stage2_weights = {k.strip() + "_weight": float(v) for k, v in
@@ -109,10 +106,6 @@ def _per_task(spec: str, tasks, name) -> dict:
     if missing:
         raise SystemExit(f"--{name} has no value for {missing}")
     return values
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -165,13 +158,6 @@ def training_args(cls, args, name: str, steps: int, lr: float, batch: int, **ext
     )
 
 
-class _Progress(transformers.TrainerCallback):
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            extra = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss_"))
-            log(f"    step {state.global_step}/{state.max_steps} loss={logs['loss']:.4g} {extra}")
-
-
 @torch.no_grad()
 def evaluate(model, examples, task: str, tokenizer, batch_size: int) -> dict:
     """The official metric on ``examples`` (length-sorted batches: same predictions, less padding)."""
@@ -191,7 +177,7 @@ def evaluate(model, examples, task: str, tokenizer, batch_size: int) -> dict:
 
 def train(trainer) -> float:
     t0 = time.perf_counter()
-    trainer.add_callback(_Progress())
+    trainer.add_callback(Progress())
     trainer.train()
     return time.perf_counter() - t0
 
@@ -321,15 +307,6 @@ def run_task(args, task: str, teacher_path: str, tokenizer, stage1_states: dict,
                 f"(teacher {score:.4f}, retention {s / score if score else float('nan'):.3f}; {seconds:.0f} s)")
             save(args, results)
             del trainer, student
-
-
-def save(args, results) -> None:
-    results["wall_seconds"] = time.perf_counter() - args.t_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, args.output)
 
 
 def main(argv=None) -> dict:
