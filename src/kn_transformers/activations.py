@@ -48,3 +48,17 @@ def may_overwrite(output: torch.Tensor, producer: nn.Module, producer_input: tor
         and not producer._forward_hooks
         and not getattr(nn.modules.module, "_global_forward_hooks", None)
     )
+
+
+def activate(
+    output: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    inplace_act: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    producer: nn.Module,
+    producer_input: torch.Tensor,
+) -> torch.Tensor:
+    """``act(output)``, computed in place by ``inplace_act`` (see :func:`inplace_activation`)
+    when :func:`may_overwrite` allows it."""
+    if inplace_act is not None and may_overwrite(output, producer, producer_input):
+        return inplace_act(output)
+    return act(output)

@@ -36,7 +36,7 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 from transformers.utils import can_return_tuple
 
-from .activations import inplace_activation, may_overwrite
+from .activations import activate, inplace_activation
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kngpt2 import KnGPT2Config
 from .kronecker import KroneckerEmbedding, KroneckerLinear
@@ -134,11 +134,7 @@ class KnGPT2MLP(GPT2MLP):
         return new
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(hidden_states)
-        if self._inplace_act is not None and may_overwrite(h, self.c_fc, hidden_states):
-            h = self._inplace_act(h)
-        else:
-            h = self.act(h)
+        h = activate(self.c_fc(hidden_states), self.act, self._inplace_act, self.c_fc, hidden_states)
         return self.dropout(self.c_proj(h))
 
 

@@ -42,7 +42,7 @@ from transformers.models.bert.modeling_bert import (
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .activations import inplace_activation, may_overwrite
+from .activations import activate, inplace_activation
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kronecker_bert import KroneckerBertConfig
 from .kronecker import KroneckerEmbedding, KroneckerLinear
@@ -167,10 +167,8 @@ class KroneckerBertIntermediate(BertIntermediate):
         return new
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        h = self.dense(hidden_states)
-        if self._inplace_act is not None and may_overwrite(h, self.dense, hidden_states):
-            return self._inplace_act(h)
-        return self.intermediate_act_fn(h)
+        return activate(self.dense(hidden_states), self.intermediate_act_fn, self._inplace_act, self.dense,
+                        hidden_states)
 
 
 class KroneckerBertModel(KroneckerBertPreTrainedModel, BertModel):
