@@ -39,7 +39,7 @@ _BLOCK = 64  # columns per packed block of A (KERNEL_SOURCE: CW)
 _lib = None
 _tried = False
 _lock = threading.Lock()
-_packed: dict = {}
+_plans: dict = {}
 # byte comparison of a cached factor with its saved copy: a few µs where torch.equal costs ~10
 _memcmp = ctypes.CDLL(None).memcmp if sys.platform.startswith("linux") else None
 if _memcmp is not None:
@@ -171,16 +171,16 @@ def _plan(A: torch.Tensor, B: torch.Tensor, layout: str, lib) -> _Plan:
     """
     key = id(A)
     sig = (A._version, A.data_ptr(), tuple(A.shape), tuple(B.shape), layout)
-    hit = _packed.get(key)
+    hit = _plans.get(key)
     if (hit is not None and hit[0]() is A and hit[1] == sig and A.is_contiguous()
             and _memcmp(hit[2].data_ptr(), A.data_ptr(), hit[2].numel() * 4) == 0):
         return hit[3]
     plan = _Plan(A, B, layout, lib)
     try:
-        ref = weakref.ref(A, lambda _, k=key: _packed.pop(k, None))
+        ref = weakref.ref(A, lambda _, k=key: _plans.pop(k, None))
     except TypeError:
         return plan
-    _packed[key] = (ref, sig, A.detach().clone(), plan)
+    _plans[key] = (ref, sig, A.detach().clone(), plan)
     return plan
 
 
@@ -239,9 +239,8 @@ KERNEL_SOURCE = r"""/*
  * lanes, and the result lands in its final place: no transpose, no wasted products, the bias
  * added for free.
  *
- * Plain C with AVX-512F intrinsics (no torch headers), built on first use by
- * this module and called through ctypes on row ranges (ctypes releases the GIL,
- * so Python threads split the rows).
+ * Plain C with AVX-512F intrinsics (no torch headers), built on first use by this module and
+ * called through ctypes; rows are split over OpenMP threads of the runtime torch loaded.
  */
 #include <immintrin.h>
 #include <omp.h>
