@@ -40,6 +40,11 @@ NATIVE_SHAPES = [
     (1, (12, 7), (8, 2)),
     (1, (8, 2), (40, 24)),  # small A, wide B: the bias-fused A-stage (m2 = 40: a masked tail)
     (2, (4, 3), (32, 5)),
+    # small A with m2, n2 multiples of 16: both stages in kn_small_a_rows up to 128 rows of
+    # (N*n1, n2), BLAS's B-stage above (rows 100 with n1 = 2, 3; rows 31 and 100 with n1 = 8)
+    (1, (2, 2), (48, 32)),
+    (2, (3, 3), (32, 16)),
+    (1, (2, 8), (16, 48)),
 ]
 
 

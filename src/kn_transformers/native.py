@@ -1,10 +1,13 @@
-"""An optional native CPU kernel for Kronecker layers whose ``B`` factor has few rows.
+"""An optional native CPU kernel for Kronecker layers where BLAS has no fast form.
 
-With ``B`` of shape ``(m2, n2)`` and ``m2`` in 2..16 (KroneckerBERT's attention splits, e.g.
-``A 384×48 ⊗ B 2×16``), the product with ``A`` has no fast BLAS form: it is either ``N`` tiny
-matmuls or a flat matmul whose ``(N, m2, m1)`` output must be transposed into ``(N, m1, m2)``
-order, a full pass over the output. The C kernel at the end of this file (``KERNEL_SOURCE``)
-computes that product with the interleave fused (AVX-512, float32, inference only).
+- ``B`` with few rows: with ``B`` of shape ``(m2, n2)`` and ``m2`` in 1..16 (KroneckerBERT's
+  attention splits, e.g. ``A 384×48 ⊗ B 2×16``), the product with ``A`` is either ``N`` tiny
+  matmuls or a flat matmul whose ``(N, m2, m1)`` output must be transposed into ``(N, m1, m2)``
+  order, a full pass over the output. The kernel computes it with the interleave fused.
+- A tiny ``A`` with a wide ``B`` (the papers' ``A 2×2 ⊗ B 384×384``): the A-stage and the bias
+  in one pass; at few tokens both stages in one call, without BLAS's call overhead.
+
+The C source is at the end of this file (``KERNEL_SOURCE``; AVX-512, float32, inference only).
 
 The kernel is compiled on first use with the system C compiler (about a second, cached under
 ``$KN_TRANSFORMERS_CACHE`` or ``~/.cache/kn_transformers``) and loaded with ``ctypes``.
@@ -86,6 +89,9 @@ def _build() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(path)
     if not lib.kn_cpu_has_avx512():
         return None
+    h = lib.kn_small_a_rows
+    h.restype = ctypes.c_int
+    h.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 6
     g = lib.kn_small_a_stage
     g.restype = ctypes.c_int
     g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4
@@ -108,6 +114,9 @@ def _library() -> Optional[ctypes.CDLL]:
 
 
 _SMALL_A = 256  # A (rank, m1, n1) with at most this many entries takes the small-A kernel
+# Up to this many rows of x as (N*n1, n2), a small A computes both stages in kn_small_a_rows;
+# above it the B-stage goes to BLAS (measured crossover: 128-256 rows for B 384x384).
+_FEW_ROWS = 128
 
 
 def _layout(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
@@ -140,7 +149,7 @@ class _Plan:
     """What a call needs from ``A`` besides pointers, built once: the kernel's layout of ``A``
     and whether the kernel computes the B-stage itself."""
 
-    __slots__ = ("layout", "a", "fuses")
+    __slots__ = ("layout", "a", "fuses", "rows_kernel")
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, layout: str, lib):
         r, m1, n1 = A.shape
@@ -160,6 +169,8 @@ class _Plan:
                 parts.append(a_dup[:, full:].reshape(-1))
             self.a = torch.cat(parts).contiguous()
         self.fuses = layout == "large_a" and bool(lib.kn_fuses_b_stage(n1, n2, r, m2))
+        # small A at few rows: both stages in kn_small_a_rows (its shape conditions)
+        self.rows_kernel = layout == "small_a" and n2 % 16 == 0 and m2 % 16 == 0 and r <= 16
 
 
 def _plan(A: torch.Tensor, B: torch.Tensor, layout: str, lib) -> _Plan:
@@ -204,7 +215,10 @@ def native_kronecker_linear(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     b = bias.contiguous().data_ptr() if bias is not None else None
     y = torch.empty(N, M, dtype=x3.dtype, device=x3.device)
     threads = torch.get_num_threads()
-    if p.fuses:
+    if p.rows_kernel and N * n1 <= _FEW_ROWS:
+        rc = lib.kn_small_a_rows(x3.contiguous().data_ptr(), B.contiguous().data_ptr(), p.a.data_ptr(), b,
+                                 y.data_ptr(), N, n1, n2, r, m1, m2, threads)
+    elif p.fuses:
         # both stages in the kernel, tile by tile (x is read once, t never leaves the cache)
         rc = lib.kn_kron_forward(x3.contiguous().data_ptr(), B.contiguous().data_ptr(), None, p.a.data_ptr(), b,
                                  y.data_ptr(), N, n1, n2, r, m2, M, threads)
@@ -468,6 +482,91 @@ KN_INLINE int run(const float *x, const float *B, const float *t, const float *a
         free(buf);
     }
     free(bpat);
+    return failed ? -1 : 0;
+}
+
+/* v[k] = the sum of the 16 lanes of acc[k]: a transpose-and-add tree, 30 shuffles and 15 adds. */
+KN_INLINE __m512 hsum16(const __m512 acc[16]) {
+    __m512 s1[8], s2[4];
+    for (int p = 0; p < 8; p++)  /* per 128-bit lane: halves of the sums of acc[2p] and acc[2p+1], interleaved */
+        s1[p] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * p], acc[2 * p + 1]),
+                              _mm512_unpackhi_ps(acc[2 * p], acc[2 * p + 1]));
+    for (int q = 0; q < 4; q++)  /* element e of 128-bit lane L: the sum of lane L of acc[4q + e] */
+        s2[q] = _mm512_add_ps(_mm512_shuffle_ps(s1[2 * q], s1[2 * q + 1], 0x44),
+                              _mm512_shuffle_ps(s1[2 * q], s1[2 * q + 1], 0xEE));
+    const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], 0x88), _mm512_shuffle_f32x4(s2[0], s2[1], 0xDD));
+    const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], 0x88), _mm512_shuffle_f32x4(s2[2], s2[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+/* t[ci * ts + ri] = dot(x row ci, b row ri) over n2 (a multiple of 16) for C rows of x and R = 16 / C
+ * rows of b: 16 accumulators, R + C loads per 16 FMAs, both operands read along their rows. */
+KN_INLINE void dots(const float *x, const float *b, float *t, const int n2, const int ts, const int C) {
+    const int R = 16 / C;
+    __m512 acc[16];
+    for (int k = 0; k < 16; k++) acc[k] = _mm512_setzero_ps();
+    for (int j = 0; j < n2; j += 16) {
+        __m512 xv[4];
+        for (int ci = 0; ci < C; ci++) xv[ci] = _mm512_loadu_ps(x + (size_t)ci * n2 + j);
+        for (int ri = 0; ri < R; ri++) {
+            const __m512 bv = _mm512_loadu_ps(b + (size_t)ri * n2 + j);
+            for (int ci = 0; ci < C; ci++) acc[ci * R + ri] = _mm512_fmadd_ps(xv[ci], bv, acc[ci * R + ri]);
+        }
+    }
+    float v[16];
+    _mm512_storeu_ps(v, hsum16(acc));
+    for (int ci = 0; ci < C; ci++) memcpy(t + (size_t)ci * ts, v + ci * R, sizeof(float) * R);
+}
+
+/* Both stages for a small A, a wide B and few rows (e.g. A 2x2 (x) B 384x384 at 8 tokens):
+ * y (N, m1*m2) = x (N, n1, n2) @ (sum_r A_r (x) B_r)^T + bias, with acat (m1, n1*r), column (j1, r).
+ *
+ * Why: at a few rows a BLAS B-stage is dominated by its call and threading overhead and by
+ * reading B through a transposed view, and the dense matmul it competes with is as fast as it
+ * gets. Here each thread takes blocks of 16 rows of B, computes their dot products with every
+ * row of x (B and x both read along their rows, no copy or packing), and turns them straight
+ * into 16 output columns of every token with the A-stage and the bias. Needs n2 and m2
+ * multiples of 16; rank at most 16. Returns 0, or -1 for unsupported shapes or out of memory. */
+int kn_small_a_rows(const float *x, const float *B, const float *acat, const float *bias, float *y, long N, int n1,
+                    int n2, int r, int m1, int m2, int threads) {
+    if (N < 0 || n1 < 1 || n2 < 16 || n2 % 16 || m2 < 16 || m2 % 16 || r < 1 || r > 16 || m1 < 1) return -1;
+    if (N == 0) return 0;
+    const long cols = N * n1;  /* rows (n, j1) of x */
+    const int K = n1 * r, M = m1 * m2, blocks = m2 / 16, ts = 16 * r;
+    int failed = 0;
+    if (threads < 1) threads = 1;
+    if (threads > blocks) threads = blocks;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        /* t16[(n, j1), rr, 0:16] = B-stage output for the current 16 columns i2 */
+        float *t16 = (float *)aligned_alloc(64, sizeof(float) * (size_t)cols * ts);
+        if (!t16) failed = 1;
+#pragma omp for schedule(static)
+        for (int ib = 0; ib < blocks; ib++) {
+            if (!t16) continue;
+            for (int rr = 0; rr < r; rr++) {
+                const float *b = B + ((size_t)rr * m2 + (size_t)ib * 16) * n2;
+                float *t = t16 + rr * 16;
+                long c = 0;
+                for (; c + 4 <= cols; c += 4)
+                    for (int i0 = 0; i0 < 16; i0 += 4) dots(x + c * n2, b + (size_t)i0 * n2, t + c * ts + i0, n2, ts, 4);
+                for (; c + 2 <= cols; c += 2)
+                    for (int i0 = 0; i0 < 16; i0 += 8) dots(x + c * n2, b + (size_t)i0 * n2, t + c * ts + i0, n2, ts, 2);
+                for (; c < cols; c++) dots(x + c * n2, b, t + c * ts, n2, ts, 1);
+            }
+            for (long n = 0; n < N; n++) {
+                const float *tn = t16 + (size_t)n * n1 * ts;
+                float *yn = y + (size_t)n * M + (size_t)ib * 16;
+                for (int i1 = 0; i1 < m1; i1++) {
+                    __m512 s = bias ? _mm512_loadu_ps(bias + (size_t)i1 * m2 + (size_t)ib * 16) : _mm512_setzero_ps();
+                    const float *a = acat + (size_t)i1 * K;
+                    for (int k = 0; k < K; k++) s = _mm512_fmadd_ps(_mm512_set1_ps(a[k]), _mm512_load_ps(tn + (size_t)k * 16), s);
+                    _mm512_storeu_ps(yn + (size_t)i1 * m2, s);
+                }
+            }
+        }
+        free(t16);
+    }
     return failed ? -1 : 0;
 }
 
