@@ -180,18 +180,19 @@ KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_b
 def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x @ (Σ_r A_r ⊗ B_r)ᵀ (+ bias)``, the bias folded into the last step where possible."""
-    r, m1, n1 = A.shape
+    _, m1, n1 = A.shape
     _, m2, n2 = B.shape
-    lead = x.shape[:-1]
-    if x.shape[-1] != n1 * n2:
-        raise ValueError(f"input has {x.shape[-1]} features, the Kronecker factors expect {n1 * n2}")
+    shape = x.shape
+    if shape[-1] != n1 * n2:
+        raise ValueError(f"input has {shape[-1]} features, the Kronecker factors expect {n1 * n2}")
     N = x.numel() // (n1 * n2)
     if order == "auto":
         order = _pick_order(x, A, B, N, bias is not None)
-    if order not in KRONECKER_ORDERS:
+    strategy = _STRATEGY_FNS.get(order)
+    if strategy is None:
         raise ValueError(f"order must be 'auto' or one of {KRONECKER_ORDERS}, got {order!r}")
-    y = _STRATEGY_FNS[order](x.reshape(N, n1, n2), A, B, bias)
-    return y.reshape(*lead, m1 * m2)
+    y = strategy(x.reshape(N, n1, n2), A, B, bias)
+    return y.reshape(*shape[:-1], m1 * m2)
 
 
 def _b_stage(x3: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -323,9 +324,8 @@ def _order_a_first_ew(x3, A, B, bias):
 
 
 def _order_native(x3, A, B, bias):
-    if native_supported(A, B, x3):
-        return native_kronecker_linear(x3, A, B, bias)
-    return _order_b_first_t(x3, A, B, bias)
+    y = native_kronecker_linear(x3, A, B, bias)  # None where the kernel does not apply
+    return y if y is not None else _order_b_first_t(x3, A, B, bias)
 
 
 _STRATEGY_FNS = {
@@ -405,15 +405,17 @@ def _candidates(A: torch.Tensor, B: torch.Tensor, x: Optional[torch.Tensor] = No
 
 
 def _pick_order(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int, has_bias: bool = False) -> str:
-    if not _AUTOTUNE or rows == 0 or x.device.type == "meta" or torch.compiler.is_compiling():
-        return _default_order(A, B)
+    # the cache lookup first: this runs on every call, often with caches just flushed by the
+    # previous layer's kernel, so the hit path touches as little as it can
     train = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)
-    bucket = 1 << max(rows - 1, 0).bit_length()
-    key = (tuple(A.shape), tuple(B.shape), bucket, x.dtype, x.device.type, has_bias, train)
+    device = x.device.type
+    key = (A.shape, B.shape, 1 << max(rows - 1, 0).bit_length(), x.dtype, device, has_bias, train)
     order = _ORDER_CACHE.get(key)
-    if order is None:
-        order = _ORDER_CACHE[key] = _time_orders(A.detach(), B.detach(), bucket, x.dtype, x.device,
-                                                 has_bias, train)
+    if order is not None:
+        return order
+    if not _AUTOTUNE or rows == 0 or device == "meta" or torch.compiler.is_compiling():
+        return _default_order(A, B)
+    order = _ORDER_CACHE[key] = _time_orders(A.detach(), B.detach(), key[2], x.dtype, x.device, has_bias, train)
     return order
 
 

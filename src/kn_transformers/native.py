@@ -136,7 +136,7 @@ def native_supported(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether :func:`native_kronecker_linear` can compute ``x @ (Σ A_r ⊗ B_r)ᵀ`` here:
     float32 CPU tensors, a shape one of the kernels covers (see :func:`_layout`), no autograd,
     and the kernel built (on the first call)."""
-    if x.device.type != "cpu" or A.device.type != "cpu" or x.dtype != torch.float32 or A.dtype != torch.float32:
+    if not (x.is_cpu and A.is_cpu and B.is_cpu) or not x.dtype == A.dtype == B.dtype == torch.float32:
         return False
     if _layout(A, B) is None:
         return False
@@ -146,10 +146,11 @@ def native_supported(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> bool:
 
 
 class _Plan:
-    """What a call needs from ``A`` besides pointers, built once: the kernel's layout of ``A``
-    and whether the kernel computes the B-stage itself."""
+    """What a call needs from ``A`` besides pointers, built once: the kernel's layout of ``A``,
+    the shapes, which kernel path applies, and what to check that ``A`` has not changed since."""
 
-    __slots__ = ("layout", "a", "fuses", "rows_kernel")
+    __slots__ = ("layout", "a", "a_ptr", "dims", "fuses", "rows_kernel", "ref", "version", "ptr", "a_shape",
+                 "b_shape", "saved", "nbytes")
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, layout: str, lib):
         r, m1, n1 = A.shape
@@ -168,69 +169,98 @@ class _Plan:
             if full < M:
                 parts.append(a_dup[:, full:].reshape(-1))
             self.a = torch.cat(parts).contiguous()
+        self.a_ptr = self.a.data_ptr()
+        self.dims = (n1, n2, r, m1, m2, m1 * m2)
         self.fuses = layout == "large_a" and bool(lib.kn_fuses_b_stage(n1, n2, r, m2))
         # small A at few rows: both stages in kn_small_a_rows (its shape conditions)
         self.rows_kernel = layout == "small_a" and n2 % 16 == 0 and m2 % 16 == 0 and r <= 16
+        # the state of A the plan was built from (see _plan)
+        self.ref = None
+        self.version, self.ptr = A._version, A.data_ptr()
+        self.a_shape, self.b_shape = A.shape, B.shape
+        self.saved = A.clone()
+        self.nbytes = A.numel() * A.element_size()
+
+    def matches(self, A: torch.Tensor, B: torch.Tensor) -> bool:
+        # cheapest tests first; the bytes last (updates through ``.data`` do not bump the version)
+        return (self.ref() is A and A._version == self.version and A.data_ptr() == self.ptr
+                and A.shape == self.a_shape and B.shape == self.b_shape and A.is_contiguous()
+                and _memcmp(self.saved.data_ptr(), self.ptr, self.nbytes) == 0)
 
 
-def _plan(A: torch.Tensor, B: torch.Tensor, layout: str, lib) -> _Plan:
+def _plan(A: torch.Tensor, B: torch.Tensor, lib) -> _Plan:
     """The cached :class:`_Plan` of the factor ``A`` (B is only ever read in place).
 
-    Keyed by the factor object; a hit also needs its version, storage and values to equal what
-    the plan was built from (updates through ``.data`` do not bump the version, so the values
-    are compared bytewise: a few µs, A being the small factor or a few hundred KB).
+    Keyed by the factor object; a hit also needs its version, storage, shapes and values to equal
+    what the plan was built from (values compared bytewise, since updates through ``.data`` do
+    not bump the version: a few µs, A being the small factor or a few hundred KB). Packing ``A``
+    on every call instead was measured slower: it must be read either way, and the packed copy is
+    twice its size.
     """
     key = id(A)
-    sig = (A._version, A.data_ptr(), tuple(A.shape), tuple(B.shape), layout)
-    hit = _plans.get(key)
-    if (hit is not None and hit[0]() is A and hit[1] == sig and A.is_contiguous()
-            and _memcmp(hit[2].data_ptr(), A.data_ptr(), hit[2].numel() * 4) == 0):
-        return hit[3]
-    plan = _Plan(A, B, layout, lib)
+    plan = _plans.get(key)
+    if plan is not None and plan.matches(A, B):
+        return plan
+    plan = _Plan(A, B, _layout(A, B), lib)
     try:
-        ref = weakref.ref(A, lambda _, k=key: _plans.pop(k, None))
+        plan.ref = weakref.ref(A, lambda _, k=key, plans=_plans: plans.pop(k, None))
     except TypeError:
         return plan
-    _plans[key] = (ref, sig, A.detach().clone(), plan)
+    _plans[key] = plan
     return plan
 
 
 def native_kronecker_linear(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                            bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x @ (Σ_r A_r ⊗ B_r)ᵀ + bias`` in one fused pass (see ``KERNEL_SOURCE``).
+                            bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``x @ (Σ_r A_r ⊗ B_r)ᵀ + bias`` in one fused pass (see ``KERNEL_SOURCE``), or ``None``
+    where the kernel does not apply (:func:`native_supported`, and a float32 CPU bias).
 
     Args:
         x3: ``(N, n1, n2)`` float32.
         A: ``(rank, m1, n1)``; B: ``(rank, m2, n2)``; bias: ``(m1*m2,)`` or ``None``.
 
     Returns:
-        ``(N, m1*m2)``. No autograd: check :func:`native_supported` first.
+        ``(N, m1*m2)``, without autograd, or ``None``.
     """
-    lib = _library()
-    p = _plan(A, B, _layout(A, B), lib)
-    N, n1, n2 = x3.shape
-    r, m1, _ = A.shape
-    m2 = B.shape[1]
-    M = m1 * m2
-    b = bias.contiguous().data_ptr() if bias is not None else None
-    y = torch.empty(N, M, dtype=x3.dtype, device=x3.device)
+    # Once A has a plan, only what can change without changing A is checked (x, B, bias, grad
+    # mode): every layer call pays for this, usually with the caches just flushed by the previous
+    # kernel, where each Python-level check costs about a µs.
+    f32 = torch.float32
+    if (x3.dtype != f32 or B.dtype != f32 or not (x3.is_cpu and B.is_cpu)
+            or (bias is not None and (bias.dtype != f32 or not bias.is_cpu))
+            or (torch.is_grad_enabled() and (x3.requires_grad or A.requires_grad or B.requires_grad))):
+        return None
+    p = _plans.get(id(A))
+    if p is None or not p.matches(A, B):
+        if not native_supported(A, B, x3):
+            return None
+        p = _plan(A, B, _lib)
+    lib = _lib
+    N = x3.shape[0]
+    n1, n2, r, m1, m2, M = p.dims
+    # the tensors whose pointers the kernel reads stay referenced until it returns (a temporary
+    # from .contiguous() inside the call's arguments would be freed before the kernel runs)
+    x3, B = x3.contiguous(), B.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    b = bias.data_ptr() if bias is not None else None
+    y = torch.empty(N, M)  # float32 (checked above)
     threads = torch.get_num_threads()
     if p.rows_kernel and N * n1 <= _FEW_ROWS:
-        rc = lib.kn_small_a_rows(x3.contiguous().data_ptr(), B.contiguous().data_ptr(), p.a.data_ptr(), b,
-                                 y.data_ptr(), N, n1, n2, r, m1, m2, threads)
+        rc = lib.kn_small_a_rows(x3.data_ptr(), B.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m1, m2, threads)
     elif p.fuses:
         # both stages in the kernel, tile by tile (x is read once, t never leaves the cache)
-        rc = lib.kn_kron_forward(x3.contiguous().data_ptr(), B.contiguous().data_ptr(), None, p.a.data_ptr(), b,
-                                 y.data_ptr(), N, n1, n2, r, m2, M, threads)
+        rc = lib.kn_kron_forward(x3.data_ptr(), B.data_ptr(), None, p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
+                                 threads)
     else:
         # B-stage by BLAS, t[n, (j1, r), i2] = Σ_j2 x[n, j1, j2] B_r[i2, j2]: one flat matmul with
         # a transposed view of B
-        t = torch.mm(x3.reshape(N * n1, n2), B.detach().reshape(r * m2, n2).T)
+        t = torch.mm(x3.view(N * n1, n2), B.detach().view(r * m2, n2).T)
         if p.layout == "small_a":  # then the A-stage and the bias in one streaming pass
-            rc = lib.kn_small_a_stage(t.data_ptr(), p.a.data_ptr(), b, y.data_ptr(), N, n1 * r, m1, m2, threads)
+            rc = lib.kn_small_a_stage(t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1 * r, m1, m2, threads)
         else:  # then the A-stage, the interleave and the bias
-            rc = lib.kn_kron_forward(None, None, t.data_ptr(), p.a.data_ptr(), b, y.data_ptr(), N, n1, n2, r, m2,
-                                     M, threads)
+            rc = lib.kn_kron_forward(None, None, t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
+                                     threads)
     if rc:
         raise RuntimeError(f"the native Kronecker kernel failed for x {tuple(x3.shape)}, A {tuple(A.shape)}, "
                            f"B {tuple(B.shape)} (out of memory?)")
