@@ -133,6 +133,22 @@ def _check_cache_updates(k):
     assert not torch.allclose(y0, y1) and not torch.allclose(y1, y2)
 
 
+def test_layer_built_under_inference_mode():
+    """Parameters created under torch.inference_mode are inference tensors (no version counter);
+    the kernel still sees in-place updates of them."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for n_in, a_shape in ((256, (32, 16)), (96, (2, 4))):
+            k = KroneckerLinear(n_in, 64, a_shape, order="native")
+            assert k.A.is_inference()
+            x = torch.randn(5, n_in)
+            y0 = k(x)
+            assert (y0 - k.to_dense()(x)).abs().max() < 1e-5
+            k.A.mul_(-2.0)
+            y1 = k(x)
+            assert (y1 - k.to_dense()(x)).abs().max() < 1e-5 and not torch.allclose(y0, y1)
+
+
 def test_disabled_by_environment_falls_back_to_pytorch():
     code = (
         "import torch\n"

@@ -145,6 +145,12 @@ def native_supported(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> bool:
     return _library() is not None
 
 
+def _version(t: torch.Tensor) -> int:
+    # inference tensors (made under torch.inference_mode) have no version counter: for them the
+    # byte comparison alone decides
+    return -1 if t.is_inference() else t._version
+
+
 class _Plan:
     """What a call needs from ``A`` besides pointers, built once: the kernel's layout of ``A``,
     the shapes, which kernel path applies, and what to check that ``A`` has not changed since."""
@@ -176,14 +182,14 @@ class _Plan:
         self.rows_kernel = layout == "small_a" and n2 % 16 == 0 and m2 % 16 == 0 and r <= 16
         # the state of A the plan was built from (see _plan)
         self.ref = None
-        self.version, self.ptr = A._version, A.data_ptr()
+        self.version, self.ptr = _version(A), A.data_ptr()
         self.a_shape, self.b_shape = A.shape, B.shape
         self.saved = A.clone()
         self.nbytes = A.numel() * A.element_size()
 
     def matches(self, A: torch.Tensor, B: torch.Tensor) -> bool:
         # cheapest tests first; the bytes last (updates through ``.data`` do not bump the version)
-        return (self.ref() is A and A._version == self.version and A.data_ptr() == self.ptr
+        return (self.ref() is A and _version(A) == self.version and A.data_ptr() == self.ptr
                 and A.shape == self.a_shape and B.shape == self.b_shape and A.is_contiguous()
                 and _memcmp(self.saved.data_ptr(), self.ptr, self.nbytes) == 0)
 
