@@ -49,6 +49,7 @@ from kn_transformers import (
     nearest_kronecker,
 )
 from kn_transformers.conversion import count_parameters
+from kn_transformers.modeling_kronecker_bert import KroneckerBertLayer
 
 F64 = torch.float64
 LAYER_MODULES = (
@@ -393,6 +394,44 @@ def test_hidden_states_and_pre_softmax_scores():
         for i, layer in enumerate(student.encoder.layer):
             ffn_in = layer.attention(hs[i])[0]
             torch.testing.assert_close(hs[i + 1], layer.output(layer.intermediate(ffn_in), ffn_in), rtol=0, atol=0)
+
+
+def test_ffn_in_token_blocks_computes_the_same_function():
+    """Inference over more than ffn_block_tokens tokens runs the FFN block by block (a partial
+    last block included): same outputs as one pass and as under autograd; a forward hook in the
+    block turns blocking off, so the hook sees whole tensors."""
+    teacher = make_teacher(seed=3)
+    student = kronecker_bert_from_bert(teacher, "kroneckerbert8", progress=False)
+    inputs = batch()  # 2 x 7 = 14 tokens
+    layers = student.encoder.layer
+    assert all(isinstance(layer, KroneckerBertLayer) for layer in layers)
+
+    def run(block, grad=False):
+        for layer in layers:
+            layer.ffn_block_tokens = block
+        with torch.set_grad_enabled(grad):
+            return [t.detach() for t in outputs_of(student, inputs)]
+
+    whole, blocked, trained = run(0), run(5), run(5, grad=True)
+    for a, b, c in zip(whole, blocked, trained):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+    seen = []
+    handle = layers[0].output.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    try:
+        run(5)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([2, 7, 16])]
+    calls = []  # and the blocks really are blocks
+    handle = layers[0].intermediate.dense.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape))
+    layers[0]._ffn_hooked = lambda: False  # look past the hook just added
+    try:
+        run(5)
+    finally:
+        del layers[0]._ffn_hooked
+        handle.remove()
+    assert [c[0] for c in calls] == [5, 5, 4]
 
 
 def test_sequence_classification_losses_and_gradient_accumulation_flag():
