@@ -3,12 +3,18 @@
 Random weights (speed does not depend on their values). For each model, in a fresh process
 (so that peak resident memory is its own): parameters, checkpoint bytes (safetensors) and
 their ratio to parameters x 4 bytes, prefill / encoder time, generation time, peak RSS.
+``--rounds`` runs every model of a family that many times, in alternation, and reports the
+median over rounds: the machine's speed drifts by 5-10% over minutes, which would otherwise
+land on whichever model ran at a bad moment.
 
-    python benchmarks/bench_models.py [--threads 2] [--repeats 5] [--json results.json] [--only gpt2|bert]
-        [--malloc_large_blocks]
+    python benchmarks/bench_models.py [--threads 2] [--repeats 5] [--rounds 3] [--json results.json]
+        [--only gpt2|bert] [--malloc_large_blocks]
 
 GPT-2 family: prefill = one forward of batch 8 x 128 tokens; generation = greedy, batch 1,
-a 16-token prompt, 64 new tokens with the KV cache. BERT family: one forward of 32 x 128.
+a 16-token prompt, 64 new tokens with the KV cache. BERT family: one forward of 32 x 128;
+``bert-base-kn-layers`` is the dense BERT-base computed by this library's layer code
+(``KroneckerBertModel`` without factors: FFN in token blocks, in-place GELU), which separates what
+the layer code gives from what the Kronecker factors give.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +35,7 @@ from _tee import Tee  # benchmarks/_tee.py (the script folder is on sys.path)
 MODELS = {
     "gpt2": ["gpt2-small", "kngpt2-paper", "kngpt2-distil-size-dense-head", "kngpt2-distil-size-tied-head",
              "gpt2-6-layer"],
-    "bert": ["bert-base", "kroneckerbert8", "kroneckerbert21"],
+    "bert": ["bert-base", "bert-base-kn-layers", "kroneckerbert8", "kroneckerbert21"],
 }
 # With glibc's defaults a block over 32 MB is always a fresh mmap, so every 50 MB FFN activation
 # of BERT-base at 32 x 128 tokens is page-faulted in again (~10 ms each here). These settings keep
@@ -90,7 +97,8 @@ def build(name: str):
     import torch
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-    from kn_transformers import KnGPT2LMHeadModel, KroneckerBertModel, kngpt2_config_from_gpt2, kronecker_bert_config
+    from kn_transformers import (KnGPT2LMHeadModel, KroneckerBertConfig, KroneckerBertModel, kngpt2_config_from_gpt2,
+                                 kronecker_bert_config)
 
     torch.manual_seed(0)
     if name == "gpt2-small":
@@ -105,6 +113,8 @@ def build(name: str):
         return _gpt2_at_size(DISTILGPT2_PARAMS, tie=True)
     if name == "bert-base":
         return BertModel(BertConfig(), add_pooling_layer=True)
+    if name == "bert-base-kn-layers":
+        return KroneckerBertModel(KroneckerBertConfig(**BertConfig().to_dict(), kronecker_factors={}))
     if name in ("kroneckerbert8", "kroneckerbert21"):
         return KroneckerBertModel(kronecker_bert_config(BertConfig(), preset=name))
     raise ValueError(name)
@@ -152,7 +162,8 @@ def measure(name: str, threads: int, repeats: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per process; their median is a round's figure")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per model, in alternation; median reported")
     p.add_argument("--only", choices=sorted(MODELS))
     p.add_argument("--malloc_large_blocks", action="store_true",
                    help="run every model with glibc malloc keeping large blocks (see MALLOC_LARGE_BLOCKS)")
@@ -166,18 +177,30 @@ def main():
     if args.markdown:
         sys.stdout = Tee(sys.stdout, open(args.markdown, "w"))
     rows = []
+    timed = ("prefill_s", "generate_s", "forward_s")
     for family in [args.only] if args.only else list(MODELS):
-        for name in MODELS[family]:
-            env = dict(os.environ, **(MALLOC_LARGE_BLOCKS if args.malloc_large_blocks else {}))
-            proc = subprocess.run([sys.executable, __file__, "--_one", name, "--threads", str(args.threads),
-                                   "--repeats", str(args.repeats)], capture_output=True, text=True, env=env)
-            if proc.returncode:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"measured {name}", file=sys.stderr, flush=True)
+        runs = {name: [] for name in MODELS[family]}
+        for rnd in range(args.rounds):
+            for name in MODELS[family]:
+                env = dict(os.environ, **(MALLOC_LARGE_BLOCKS if args.malloc_large_blocks else {}))
+                proc = subprocess.run([sys.executable, __file__, "--_one", name, "--threads", str(args.threads),
+                                       "--repeats", str(args.repeats)], capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+                runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"measured {name} (round {rnd + 1}/{args.rounds})", file=sys.stderr, flush=True)
+        for name, rs in runs.items():
+            row = dict(rs[0])
+            for col in timed:
+                if col in row:
+                    row[col] = statistics.median(r[col] for r in rs)
+                    row[col + "_rounds"] = [r[col] for r in rs]
+            row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in rs)
+            rows.append(row)
     malloc = ("glibc malloc keeping large blocks (" + " ".join(f"{k}={v}" for k, v in MALLOC_LARGE_BLOCKS.items())
               + ")" if args.malloc_large_blocks else "glibc malloc defaults")
-    print(f"CPU, {args.threads} threads, fp32, random weights, {malloc}; times are medians of {args.repeats} runs; "
+    print(f"CPU, {args.threads} threads, fp32, random weights, {malloc}; each time is the median over {args.rounds} "
+          f"rounds (fresh processes, models in alternation) of the median of {args.repeats} runs; "
           "speed-up = baseline time / model time.\n")
     for family, base, cols in (("gpt2", "gpt2-small", ("prefill_s", "generate_s")), ("bert", "bert-base", ("forward_s",))):
         fam = [r for r in rows if r["model"] in MODELS[family]]
@@ -194,8 +217,8 @@ def main():
         print()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "repeats": args.repeats, "malloc_large_blocks": args.malloc_large_blocks,
-                       "rows": rows}, f, indent=1)
+            json.dump({"threads": args.threads, "repeats": args.repeats, "rounds": args.rounds,
+                       "malloc_large_blocks": args.malloc_large_blocks, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
