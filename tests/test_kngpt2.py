@@ -187,7 +187,7 @@ def test_paper_preset_is_exact_on_kronecker_teacher_and_copies_the_rest():
     teacher = tiny_teacher(seed=2, n_layer=4)
     _make_exactly_kronecker(teacher)
     student = kngpt2_from_gpt2(teacher, preset="paper", progress=False)
-    t, s = teacher.transformer, student.transformer
+    s = student.transformer
     # which modules: wte and odd layers, factor 2 on the input axis; dense untied head
     assert isinstance(s.wte, KroneckerEmbedding) and s.wte.b_shape == (1, 2)
     for i in range(4):
