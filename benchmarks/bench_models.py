@@ -114,7 +114,8 @@ def build(name: str):
     if name == "bert-base":
         return BertModel(BertConfig(), add_pooling_layer=True)
     if name == "bert-base-kn-layers":
-        return KroneckerBertModel(KroneckerBertConfig(**BertConfig().to_dict(), kronecker_factors={}))
+        dense = {k: v for k, v in BertConfig().to_dict().items() if k != "model_type"}
+        return KroneckerBertModel(KroneckerBertConfig(**dense, kronecker_factors={}))
     if name in ("kroneckerbert8", "kroneckerbert21"):
         return KroneckerBertModel(kronecker_bert_config(BertConfig(), preset=name))
     raise ValueError(name)
@@ -171,6 +172,8 @@ def main():
     p.add_argument("--json")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        p.error("--rounds and --repeats must be at least 1")
     if args._one:
         print(json.dumps(measure(args._one, args.threads, args.repeats)))
         return

@@ -423,6 +423,14 @@ def test_ffn_in_token_blocks_computes_the_same_function():
     finally:
         handle.remove()
     assert seen == [torch.Size([2, 7, 16])]
+    seen.clear()  # a global pre-hook too
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: seen.append(args[0].shape) if m is layers[0].output else None)
+    try:
+        run(5)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([2, 7, 64])]
     calls = []  # and the blocks really are blocks
     handle = layers[0].intermediate.dense.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape))
     layers[0]._ffn_hooked = lambda: False  # look past the hook just added

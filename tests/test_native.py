@@ -138,7 +138,8 @@ def test_layer_built_under_inference_mode():
     the kernel still sees in-place updates of them."""
     torch.manual_seed(0)
     with torch.inference_mode():
-        for n_in, a_shape in ((256, (32, 16)), (96, (2, 4))):
+        # large-A kernel with its own B-stage, small-A with BLAS's B-stage (n2 = 24), small-A rows kernel
+        for n_in, a_shape in ((256, (32, 16)), (96, (2, 4)), (128, (2, 4))):
             k = KroneckerLinear(n_in, 64, a_shape, order="native")
             assert k.A.is_inference()
             x = torch.randn(5, n_in)
@@ -147,6 +148,84 @@ def test_layer_built_under_inference_mode():
             k.A.mul_(-2.0)
             y1 = k(x)
             assert (y1 - k.to_dense()(x)).abs().max() < 1e-5 and not torch.allclose(y0, y1)
+
+
+def test_small_a_rows_kernel_runs_up_to_its_row_limit(monkeypatch):
+    """kn_small_a_rows takes N*n1 <= 128 rows (here n1 = 2: up to 64 tokens), BLAS the rest
+    (where the kernel cannot be built, PyTorch computes every case)."""
+    lib = native._library()
+    calls = []
+    if lib is not None:
+        original = lib.kn_small_a_rows
+
+        def counted(*args):
+            calls.append(args[5])  # N
+            return original(*args)
+
+        monkeypatch.setattr(lib, "kn_small_a_rows", counted)
+    torch.manual_seed(0)
+    A, B = torch.randn(1, 2, 2), torch.randn(1, 48, 32)
+    for rows in (1, 64, 65):
+        x = torch.randn(rows, 64)
+        with torch.no_grad():
+            y = _kron_apply(x, A, B, "native", None)
+        ref = x.double() @ kronecker_to_dense(A.double(), B.double()).T
+        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert calls == ([1, 64] if _machine_can_build() else [])
+
+
+def test_output_is_float32_whatever_the_default_dtype():
+    torch.manual_seed(0)
+    k = KroneckerLinear(256, 64, (32, 16), order="native")
+    x = torch.randn(7, 256)
+    with torch.no_grad():
+        ref = k.to_dense()(x)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            y = k(x)
+        finally:
+            torch.set_default_dtype(old)
+    assert y.dtype == torch.float32 and (y - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("order", ["native", "auto"])
+def test_trainable_bias_alone_gets_its_gradient(order):
+    """Frozen factors, trainable bias (BitFit-style): the kernel, which has no autograd, must not run."""
+    torch.manual_seed(0)
+    k = KroneckerLinear(256, 64, (32, 16), order=order)
+    k.A.requires_grad_(False)
+    k.B.requires_grad_(False)
+    dense = k.to_dense()
+    x = torch.randn(5, 256)
+    y = k(x)
+    assert y.requires_grad
+    y.sum().backward()
+    dense(x).sum().backward()
+    torch.testing.assert_close(k.bias.grad, dense.bias.grad)
+
+
+def test_empty_input_after_a_cached_choice():
+    """0 rows share the autotuner's bucket with 1 row; the native kernel returns an empty result."""
+    torch.manual_seed(0)
+    for n_in, a_shape in ((768, (384, 48)), (64, (2, 2))):
+        k = KroneckerLinear(n_in, 768, a_shape)
+        with torch.no_grad():
+            k(torch.randn(1, n_in))
+            y = k(torch.randn(0, n_in))
+        assert y.shape == (0, 768)
+
+
+def test_compiled_layer_after_eager_calls():
+    """An eager call may cache the native kernel for a shape; torch.compile then traces the
+    default order instead of the opaque kernel (fullgraph: no graph break)."""
+    torch.manual_seed(0)
+    k = KroneckerLinear(768, 768, (384, 48))
+    x = torch.randn(4, 768)
+    with torch.no_grad():
+        eager = k(x)
+        compiled = torch.compile(k, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_disabled_by_environment_falls_back_to_pytorch():

@@ -176,13 +176,14 @@ class KroneckerBertLayer(BertLayer):
     """BERT's layer: the same submodules, parameters, init (RNG draws) and outputs, with
     :class:`KroneckerBertIntermediate`.
 
-    Without autograd, an input of more than ``ffn_block_tokens`` tokens (batch × seq) goes
-    through the feed-forward block in blocks of that many tokens, so its ``(tokens,
-    intermediate)`` activation stays ~12 MB at BERT-base widths instead of 50 MB at 32 × 128
-    tokens. Each token's result is the same; peak memory drops, and with glibc's malloc (which
+    Without autograd and on CPU, an input of more than ``ffn_block_tokens`` tokens (batch × seq)
+    goes through the feed-forward block as 2-D blocks of at most that many ``(tokens, hidden)``
+    rows, so its ``(tokens, intermediate)`` activation stays ~12 MB at BERT-base widths instead of
+    50 MB at 32 × 128 tokens. Each token's result is the same; peak memory drops, and with glibc's malloc (which
     maps every block over 32 MB afresh) ~10 ms of page faults per layer go away: measured here,
-    the kroneckerbert8 forward at 32 × 128 is 6-12% faster. Not when a forward hook sits in the
-    block (e.g. distillation capturing FFN outputs): the hook must see whole tensors.
+    the kroneckerbert8 forward at 32 × 128 is 6-12% faster. Not when a forward hook or pre-hook
+    sits in the block, or a global one is registered (e.g. distillation capturing FFN outputs): a
+    hook must see whole tensors. ``ffn_block_tokens = 0`` (per instance or class) turns it off.
     """
 
     ffn_block_tokens = 1024
@@ -192,7 +193,8 @@ class KroneckerBertLayer(BertLayer):
         self.intermediate = KroneckerBertIntermediate.from_intermediate(self.intermediate, config)
 
     def _ffn_hooked(self) -> bool:
-        if getattr(nn.modules.module, "_global_forward_hooks", None):
+        glob = nn.modules.module
+        if getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None):
             return True
         return any(m._forward_hooks or m._forward_pre_hooks
                    for part in (self.intermediate, self.output) for m in part.modules())
@@ -201,7 +203,8 @@ class KroneckerBertLayer(BertLayer):
         hidden = attention_output.shape[-1]
         x = attention_output.reshape(-1, hidden)
         block = self.ffn_block_tokens
-        if torch.is_grad_enabled() or not block or x.shape[0] <= block or self._ffn_hooked():
+        if (torch.is_grad_enabled() or not block or x.shape[0] <= block or not x.is_cpu
+                or self._ffn_hooked()):
             return super().feed_forward_chunk(attention_output)
         out = torch.empty_like(x)
         for start in range(0, x.shape[0], block):

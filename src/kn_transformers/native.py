@@ -132,15 +132,20 @@ def _layout(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
     return None
 
 
-def native_supported(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether :func:`native_kronecker_linear` can compute ``x @ (Σ A_r ⊗ B_r)ᵀ`` here:
-    float32 CPU tensors, a shape one of the kernels covers (see :func:`_layout`), no autograd,
-    and the kernel built (on the first call)."""
+def native_supported(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether :func:`native_kronecker_linear` can compute ``x @ (Σ A_r ⊗ B_r)ᵀ (+ bias)`` here:
+    float32 CPU tensors, a shape one of the kernels covers (see :func:`_layout`), no autograd
+    (nothing that requires grad, the bias included, while grad mode is on), and the kernel built
+    (on the first call)."""
     if not (x.is_cpu and A.is_cpu and B.is_cpu) or not x.dtype == A.dtype == B.dtype == torch.float32:
+        return False
+    if bias is not None and (not bias.is_cpu or bias.dtype != torch.float32):
         return False
     if _layout(A, B) is None:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return False
     return _library() is not None
 
@@ -190,8 +195,8 @@ class _Plan:
     def matches(self, A: torch.Tensor, B: torch.Tensor) -> bool:
         # cheapest tests first; the bytes last (updates through ``.data`` do not bump the version)
         return (self.ref() is A and _version(A) == self.version and A.data_ptr() == self.ptr
-                and A.shape == self.a_shape and B.shape == self.b_shape and A.is_contiguous()
-                and _memcmp(self.saved.data_ptr(), self.ptr, self.nbytes) == 0)
+                and A.shape == self.a_shape and B.shape == self.b_shape and A.dtype == torch.float32
+                and A.is_cpu and A.is_contiguous() and _memcmp(self.saved.data_ptr(), self.ptr, self.nbytes) == 0)
 
 
 def _plan(A: torch.Tensor, B: torch.Tensor, lib) -> _Plan:
@@ -234,23 +239,29 @@ def native_kronecker_linear(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     f32 = torch.float32
     if (x3.dtype != f32 or B.dtype != f32 or not (x3.is_cpu and B.is_cpu)
             or (bias is not None and (bias.dtype != f32 or not bias.is_cpu))
-            or (torch.is_grad_enabled() and (x3.requires_grad or A.requires_grad or B.requires_grad))):
+            or (torch.is_grad_enabled() and (x3.requires_grad or A.requires_grad or B.requires_grad
+                                             or (bias is not None and bias.requires_grad)))):
         return None
     p = _plans.get(id(A))
     if p is None or not p.matches(A, B):
-        if not native_supported(A, B, x3):
+        if not native_supported(A, B, x3, bias):
             return None
         p = _plan(A, B, _lib)
     lib = _lib
     N = x3.shape[0]
     n1, n2, r, m1, m2, M = p.dims
+    if x3.dim() != 3 or x3.shape[1] != n1 or x3.shape[2] != n2 or (bias is not None and bias.numel() != M):
+        raise ValueError(f"x {tuple(x3.shape)} and bias {None if bias is None else tuple(bias.shape)} do not fit "
+                         f"A {tuple(A.shape)} and B {tuple(B.shape)}: need x (N, {n1}, {n2}) and bias ({M},)")
+    if N == 0:  # (an empty tensor's data pointer may be NULL, which the kernel reads as "no input")
+        return torch.empty(0, M, dtype=f32, device="cpu")
     # the tensors whose pointers the kernel reads stay referenced until it returns (a temporary
     # from .contiguous() inside the call's arguments would be freed before the kernel runs)
     x3, B = x3.contiguous(), B.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     b = bias.data_ptr() if bias is not None else None
-    y = torch.empty(N, M)  # float32 (checked above)
+    y = torch.empty(N, M, dtype=f32, device="cpu")  # not the default dtype/device, which a user may have set
     threads = torch.get_num_threads()
     if p.rows_kernel and N * n1 <= _FEW_ROWS:
         rc = lib.kn_small_a_rows(x3.data_ptr(), B.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m1, m2, threads)
