@@ -76,9 +76,9 @@ def bench_linear(n_in, n_out, a_shape, tokens, min_run_time, repeats=3):
     # let "auto" time its strategies once (inference and training), outside the measurement
     with torch.no_grad():
         kron(x)
-        strategy = _pick_order(x, kron.A, kron.B, tokens, True)
+        strategy = _pick_order(x, kron.A, kron.B, tokens, kron.bias)
     kron(xg).backward(g)
-    strategy += "/" + _pick_order(xg, kron.A, kron.B, tokens, True)
+    strategy += "/" + _pick_order(xg, kron.A, kron.B, tokens, kron.bias)
     stmt = "m(x).backward(g)"
     out = _rounds([
         ("fwd_dense", "m(x)", {"m": dense, "x": x}),

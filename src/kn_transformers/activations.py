@@ -39,6 +39,14 @@ def inplace_activation(name) -> Optional[Callable[[torch.Tensor], torch.Tensor]]
     return INPLACE_ACTIVATIONS.get(name) if isinstance(name, str) else None
 
 
+def global_hooks_registered(pre: bool = False) -> bool:
+    """Whether a global forward hook (``register_module_forward_hook``) is registered, or with
+    ``pre`` also a global forward pre-hook: such a hook may hold any module's tensors."""
+    glob = nn.modules.module
+    return bool(getattr(glob, "_global_forward_hooks", None)
+                or (pre and getattr(glob, "_global_forward_pre_hooks", None)))
+
+
 def may_overwrite(output: torch.Tensor, producer: nn.Module, producer_input: torch.Tensor) -> bool:
     """Whether ``output`` (just returned by ``producer``) can be overwritten: no autograd, not
     the input itself, and no forward hook (on ``producer`` or global) that could hold it."""
@@ -46,7 +54,7 @@ def may_overwrite(output: torch.Tensor, producer: nn.Module, producer_input: tor
         not torch.is_grad_enabled()
         and output is not producer_input
         and not producer._forward_hooks
-        and not getattr(nn.modules.module, "_global_forward_hooks", None)
+        and not global_hooks_registered()
     )
 
 

@@ -187,7 +187,7 @@ def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
         raise ValueError(f"input has {shape[-1]} features, the Kronecker factors expect {n1 * n2}")
     N = x.numel() // (n1 * n2)
     if order == "auto":
-        order = _pick_order(x, A, B, N, bias is not None, bias is not None and bias.requires_grad)
+        order = _pick_order(x, A, B, N, bias)
     strategy = _STRATEGY_FNS.get(order)
     if strategy is None:
         raise ValueError(f"order must be 'auto' or one of {KRONECKER_ORDERS}, got {order!r}")
@@ -404,11 +404,13 @@ def _candidates(A: torch.Tensor, B: torch.Tensor, x: Optional[torch.Tensor] = No
     return out
 
 
-def _pick_order(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int, has_bias: bool = False,
-                bias_requires_grad: bool = False) -> str:
+def _pick_order(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int,
+                bias: Optional[torch.Tensor] = None) -> str:
     # the cache lookup first: this runs on every call, often with caches just flushed by the
     # previous layer's kernel, so the hit path touches as little as it can
-    train = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad or bias_requires_grad)
+    has_bias = bias is not None
+    train = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                         or (has_bias and bias.requires_grad))
     device = x.device.type
     key = (A.shape, B.shape, 1 << max(rows - 1, 0).bit_length(), x.dtype, device, has_bias, train)
     order = _ORDER_CACHE.get(key)

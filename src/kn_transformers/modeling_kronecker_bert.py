@@ -43,7 +43,7 @@ from transformers.models.bert.modeling_bert import (
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .activations import activate, inplace_activation
+from .activations import activate, global_hooks_registered, inplace_activation
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kronecker_bert import KroneckerBertConfig
 from .kronecker import KroneckerEmbedding, KroneckerLinear
@@ -193,11 +193,8 @@ class KroneckerBertLayer(BertLayer):
         self.intermediate = KroneckerBertIntermediate.from_intermediate(self.intermediate, config)
 
     def _ffn_hooked(self) -> bool:
-        glob = nn.modules.module
-        if getattr(glob, "_global_forward_hooks", None) or getattr(glob, "_global_forward_pre_hooks", None):
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks
-                   for part in (self.intermediate, self.output) for m in part.modules())
+        return global_hooks_registered(pre=True) or any(
+            m._forward_hooks or m._forward_pre_hooks for part in (self.intermediate, self.output) for m in part.modules())
 
     def feed_forward_chunk(self, attention_output: torch.Tensor) -> torch.Tensor:
         hidden = attention_output.shape[-1]

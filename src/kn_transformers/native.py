@@ -132,22 +132,25 @@ def _layout(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
     return None
 
 
+def _operands_ok(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """``x``, ``B`` and ``bias`` float32 on CPU, and no autograd (nothing that requires grad, the
+    bias included, while grad mode is on). ``A``'s own dtype and device are not checked here: a
+    cached plan vouches for them (see :meth:`_Plan.matches`)."""
+    f32 = torch.float32
+    return not (x.dtype != f32 or B.dtype != f32 or not (x.is_cpu and B.is_cpu)
+                or (bias is not None and (bias.dtype != f32 or not bias.is_cpu))
+                or (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                                 or (bias is not None and bias.requires_grad))))
+
+
 def native_supported(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
                      bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`native_kronecker_linear` can compute ``x @ (Σ A_r ⊗ B_r)ᵀ (+ bias)`` here:
     float32 CPU tensors, a shape one of the kernels covers (see :func:`_layout`), no autograd
     (nothing that requires grad, the bias included, while grad mode is on), and the kernel built
     (on the first call)."""
-    if not (x.is_cpu and A.is_cpu and B.is_cpu) or not x.dtype == A.dtype == B.dtype == torch.float32:
-        return False
-    if bias is not None and (not bias.is_cpu or bias.dtype != torch.float32):
-        return False
-    if _layout(A, B) is None:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    return _library() is not None
+    return (A.is_cpu and A.dtype == torch.float32 and _operands_ok(x, A, B, bias) and _layout(A, B) is not None
+            and _library() is not None)
 
 
 def _version(t: torch.Tensor) -> int:
@@ -185,7 +188,7 @@ class _Plan:
         self.fuses = layout == "large_a" and bool(lib.kn_fuses_b_stage(n1, n2, r, m2))
         # small A at few rows: both stages in kn_small_a_rows (its shape conditions)
         self.rows_kernel = layout == "small_a" and n2 % 16 == 0 and m2 % 16 == 0 and r <= 16
-        # the state of A the plan was built from (see _plan)
+        # the state of A the plan was built from (see _cached_plan)
         self.ref = None
         self.version, self.ptr = _version(A), A.data_ptr()
         self.a_shape, self.b_shape = A.shape, B.shape
@@ -199,8 +202,8 @@ class _Plan:
                 and A.is_cpu and A.is_contiguous() and _memcmp(self.saved.data_ptr(), self.ptr, self.nbytes) == 0)
 
 
-def _plan(A: torch.Tensor, B: torch.Tensor, lib) -> _Plan:
-    """The cached :class:`_Plan` of the factor ``A`` (B is only ever read in place).
+def _cached_plan(A: torch.Tensor, B: torch.Tensor) -> Optional[_Plan]:
+    """The cached :class:`_Plan` of the factor ``A`` (B is only ever read in place), or ``None``.
 
     Keyed by the factor object; a hit also needs its version, storage, shapes and values to equal
     what the plan was built from (values compared bytewise, since updates through ``.data`` do
@@ -208,10 +211,13 @@ def _plan(A: torch.Tensor, B: torch.Tensor, lib) -> _Plan:
     on every call instead was measured slower: it must be read either way, and the packed copy is
     twice its size.
     """
+    plan = _plans.get(id(A))
+    return plan if plan is not None and plan.matches(A, B) else None
+
+
+def _new_plan(A: torch.Tensor, B: torch.Tensor, lib) -> _Plan:
+    """Build ``A``'s plan and cache it for as long as ``A`` lives."""
     key = id(A)
-    plan = _plans.get(key)
-    if plan is not None and plan.matches(A, B):
-        return plan
     plan = _Plan(A, B, _layout(A, B), lib)
     try:
         plan.ref = weakref.ref(A, lambda _, k=key, plans=_plans: plans.pop(k, None))
@@ -236,18 +242,15 @@ def native_kronecker_linear(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     # Once A has a plan, only what can change without changing A is checked (x, B, bias, grad
     # mode): every layer call pays for this, usually with the caches just flushed by the previous
     # kernel, where each Python-level check costs about a µs.
-    f32 = torch.float32
-    if (x3.dtype != f32 or B.dtype != f32 or not (x3.is_cpu and B.is_cpu)
-            or (bias is not None and (bias.dtype != f32 or not bias.is_cpu))
-            or (torch.is_grad_enabled() and (x3.requires_grad or A.requires_grad or B.requires_grad
-                                             or (bias is not None and bias.requires_grad)))):
+    if not _operands_ok(x3, A, B, bias):
         return None
-    p = _plans.get(id(A))
-    if p is None or not p.matches(A, B):
+    p = _cached_plan(A, B)
+    if p is None:
         if not native_supported(A, B, x3, bias):
             return None
-        p = _plan(A, B, _lib)
+        p = _new_plan(A, B, _lib)
     lib = _lib
+    f32 = torch.float32
     N = x3.shape[0]
     n1, n2, r, m1, m2, M = p.dims
     if x3.dim() != 3 or x3.shape[1] != n1 or x3.shape[2] != n2 or (bias is not None and bias.numel() != M):
