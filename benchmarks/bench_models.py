@@ -181,11 +181,11 @@ def main():
         sys.stdout = Tee(sys.stdout, open(args.markdown, "w"))
     rows = []
     timed = ("prefill_s", "generate_s", "forward_s")
+    env = dict(os.environ, **(MALLOC_LARGE_BLOCKS if args.malloc_large_blocks else {}))
     for family in [args.only] if args.only else list(MODELS):
         runs = {name: [] for name in MODELS[family]}
         for rnd in range(args.rounds):
             for name in MODELS[family]:
-                env = dict(os.environ, **(MALLOC_LARGE_BLOCKS if args.malloc_large_blocks else {}))
                 proc = subprocess.run([sys.executable, __file__, "--_one", name, "--threads", str(args.threads),
                                        "--repeats", str(args.repeats)], capture_output=True, text=True, env=env)
                 if proc.returncode:
