@@ -228,6 +228,68 @@ def test_compiled_layer_after_eager_calls():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_layer_goes_straight_to_a_chosen_kernel_and_back(monkeypatch):
+    """Once "auto" has chosen the native kernel for a row count, the layer calls it without
+    asking the autotuner again; every change that could make that wrong sends it back: factor
+    updates (also through ``.data``), autograd, another dtype, a removed bias, another row
+    count, a reset autotuner. The choice is forced here (timing could pick another order)."""
+    from kn_transformers import kronecker, set_kronecker_autotune
+
+    monkeypatch.setattr(kronecker, "_ORDER_CACHE", {})  # nothing leaks into other tests
+    monkeypatch.setattr(kronecker, "_time_orders", lambda A, B, rows, dtype, device, has_bias, train:
+                        "native" if native.native_supported(A, B, torch.ones(1, dtype=dtype, device=device))
+                        and not train else kronecker._default_order(A, B))
+    picks = []
+    pick = kronecker._pick_order
+    monkeypatch.setattr(kronecker, "_pick_order", lambda *a: picks.append(a[3]) or pick(*a))
+    torch.manual_seed(0)
+    k = KroneckerLinear(256, 64, (32, 16))  # the large-A kernel with its own B-stage
+    x = torch.randn(2, 3, 256)
+
+    def expect(*rows):  # the row counts the autotuner was asked about (without the kernel: every call)
+        if _machine_can_build():
+            assert picks == list(rows)
+
+    def check(inp):
+        y = k(inp)
+        ref = inp.double() @ k.to_dense().double().weight.T
+        if k.bias is not None:
+            ref = ref + k.bias.double()
+        assert y.shape == (*inp.shape[:-1], 64) and (y.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+        return y
+
+    with torch.no_grad():
+        check(x)
+        check(x)
+        check(x.view(6, 256)[:5])  # 5 rows: the same bucket (8)
+        expect(6)
+        _check_cache_updates(k)  # 4 rows: chosen once, then .data updates are still seen
+        expect(6, 4)
+        check(x[:, :1])  # 2 rows: another bucket
+        check(x[:, :1])
+        expect(6, 4, 2)
+        k.double()  # the same parameter objects, now float64: the kernel declines, the autotuner decides
+        check(x[:, :1].double())
+        k.float()
+        expect(6, 4, 2, 2)
+        for bad in (torch.randn(2, 255), torch.randn(3, 200)):  # 200 features: 2 rows of 256, the memo's count
+            with pytest.raises(ValueError, match="256"):
+                k(bad)
+    xg = x.clone().requires_grad_(True)  # autograd: never the kernel
+    check(xg).sum().backward()
+    dense = k.to_dense().requires_grad_(True)
+    dense(x).sum().backward()
+    torch.testing.assert_close(k.bias.grad, dense.bias.grad)
+    with torch.no_grad():
+        k.bias = None
+        check(x)
+        check(x)
+        expect(6, 4, 2, 2, 6, 6)
+        set_kronecker_autotune(True)  # clears the autotuner's choices: memos from before are void
+        check(x)
+        expect(6, 4, 2, 2, 6, 6, 6)
+
+
 def test_disabled_by_environment_falls_back_to_pytorch():
     code = (
         "import torch\n"

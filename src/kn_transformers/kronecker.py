@@ -20,6 +20,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .native import _layout as _native_layout
 from .native import native_kronecker_linear, native_supported
 
 __all__ = [
@@ -347,14 +348,23 @@ _STRATEGY_FNS = {
 # grad) it times forward+backward, since that is what a step pays.
 _ORDER_CACHE: dict = {}
 _AUTOTUNE = True
+# bumped whenever _ORDER_CACHE is cleared: layers' memos of a cached choice (see
+# KroneckerLinear.forward) from before then no longer count
+_ORDER_GENERATION = 0
 
 
 def set_kronecker_autotune(enabled: bool) -> None:
     """Turn timing-based order selection on (default) or off (then the FLOP count decides the
     order, deterministically)."""
-    global _AUTOTUNE
+    global _AUTOTUNE, _ORDER_GENERATION
     _AUTOTUNE = bool(enabled)
     _ORDER_CACHE.clear()
+    _ORDER_GENERATION += 1
+
+
+def _rows_bucket(rows: int) -> int:
+    """The autotuner times one row count per power of two: ``rows`` rounded up to one."""
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 def _flop_order(A: torch.Tensor, B: torch.Tensor) -> str:
@@ -412,7 +422,7 @@ def _pick_order(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int,
     train = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                          or (has_bias and bias.requires_grad))
     device = x.device.type
-    key = (A.shape, B.shape, 1 << max(rows - 1, 0).bit_length(), x.dtype, device, has_bias, train)
+    key = (A.shape, B.shape, _rows_bucket(rows), x.dtype, device, has_bias, train)
     order = _ORDER_CACHE.get(key)
     if order is not None:
         # the native kernel is opaque to torch.compile: traced code takes the default order
@@ -528,6 +538,7 @@ class KroneckerLinear(nn.Module):
         self.B = nn.Parameter(torch.empty(rank, m2, n2, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         self.order = order
+        self._native_shapes = _native_layout(self.A, self.B) is not None
         self.reset_parameters()
 
     def reset_parameters(self, std: Optional[float] = None) -> None:
@@ -550,8 +561,32 @@ class KroneckerLinear(nn.Module):
         """The dense ``(out, in)`` weight, built on demand (for inspection, never in forward)."""
         return kronecker_to_dense(self.A, self.B)
 
+    # (rows bucket, _ORDER_GENERATION, has bias) for which "auto" last chose the native kernel
+    _native_memo: Optional[tuple] = None
+    # whether the kernel covers the factor shapes (set in __init__; layers made without it ask)
+    _native_shapes = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _kron_apply(x, self.A, self.B, self.order, self.bias)
+        A, B, bias, order = self.A, self.B, self.bias, self.order
+        if order == "auto" and self._native_shapes and not torch.compiler.is_compiling():
+            # The native kernel's calls take 0.01-1 ms, and the Python around them costs tens of
+            # µs with the caches the kernel leaves cold: once "auto" has chosen it for this many
+            # rows, the layer goes straight to it (whose own checks still decide if it applies).
+            rows = x.numel() // self.in_features
+            memo = (_rows_bucket(rows), _ORDER_GENERATION, bias is not None)
+            if memo != self._native_memo:
+                if x.shape[-1] != self.in_features:
+                    return _kron_apply(x, A, B, order, bias)  # raises the shape error
+                order = _pick_order(x, A, B, rows, bias)
+                if order != "native":
+                    return _kron_apply(x, A, B, order, bias)
+                self._native_memo = memo
+            order = "native"
+        if order == "native":
+            y = native_kronecker_linear(x, A, B, bias)
+            if y is not None:
+                return y
+        return _kron_apply(x, A, B, self.order, bias)
 
     @classmethod
     def from_dense(

@@ -227,62 +227,74 @@ def _new_plan(A: torch.Tensor, B: torch.Tensor, lib) -> _Plan:
     return plan
 
 
-def native_kronecker_linear(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+def native_kronecker_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``x @ (Σ_r A_r ⊗ B_r)ᵀ + bias`` in one fused pass (see ``KERNEL_SOURCE``), or ``None``
     where the kernel does not apply (:func:`native_supported`, and a float32 CPU bias).
 
     Args:
-        x3: ``(N, n1, n2)`` float32.
+        x: ``(..., n1*n2)``, or ``(N, n1, n2)`` where the last dimension is not ``n1*n2``;
+            float32.
         A: ``(rank, m1, n1)``; B: ``(rank, m2, n2)``; bias: ``(m1*m2,)`` or ``None``.
 
     Returns:
-        ``(N, m1*m2)``, without autograd, or ``None``.
+        ``(..., m1*m2)`` (``(N, m1*m2)`` for ``(N, n1, n2)``), without autograd, or ``None``.
     """
     # Once A has a plan, only what can change without changing A is checked (x, B, bias, grad
     # mode): every layer call pays for this, usually with the caches just flushed by the previous
-    # kernel, where each Python-level check costs about a µs.
-    if not _operands_ok(x3, A, B, bias):
+    # kernel, where each Python-level step costs about a µs. Hence no reshapes: the kernel reads
+    # x's rows through its pointer, and the output is allocated in its final shape.
+    if not _operands_ok(x, A, B, bias):
         return None
     p = _cached_plan(A, B)
     if p is None:
-        if not native_supported(A, B, x3, bias):
+        if not native_supported(A, B, x, bias):
             return None
         p = _new_plan(A, B, _lib)
-    lib = _lib
-    f32 = torch.float32
-    N = x3.shape[0]
     n1, n2, r, m1, m2, M = p.dims
-    if x3.dim() != 3 or x3.shape[1] != n1 or x3.shape[2] != n2 or (bias is not None and bias.numel() != M):
-        raise ValueError(f"x {tuple(x3.shape)} and bias {None if bias is None else tuple(bias.shape)} do not fit "
-                         f"A {tuple(A.shape)} and B {tuple(B.shape)}: need x (N, {n1}, {n2}) and bias ({M},)")
+    shape = x.shape
+    if shape[-1] == n1 * n2:
+        out_shape = (*shape[:-1], M)
+    elif len(shape) == 3 and shape[1] == n1 and shape[2] == n2:
+        out_shape = (shape[0], M)
+    else:
+        out_shape = None
+    if out_shape is None or (bias is not None and bias.numel() != M):
+        raise ValueError(f"x {tuple(shape)} and bias {None if bias is None else tuple(bias.shape)} do not fit "
+                         f"A {tuple(A.shape)} and B {tuple(B.shape)}: need x (..., {n1 * n2}) or (N, {n1}, {n2}) "
+                         f"and bias ({M},)")
+    y = torch.empty(out_shape, dtype=torch.float32, device="cpu")  # not the default dtype/device
+    N = x.numel() // (n1 * n2)
     if N == 0:  # (an empty tensor's data pointer may be NULL, which the kernel reads as "no input")
-        return torch.empty(0, M, dtype=f32, device="cpu")
+        return y
     # the tensors whose pointers the kernel reads stay referenced until it returns (a temporary
     # from .contiguous() inside the call's arguments would be freed before the kernel runs)
-    x3, B = x3.contiguous(), B.contiguous()
-    if bias is not None:
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not B.is_contiguous():
+        B = B.contiguous()
+    if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     b = bias.data_ptr() if bias is not None else None
-    y = torch.empty(N, M, dtype=f32, device="cpu")  # not the default dtype/device, which a user may have set
+    lib = _lib
     threads = torch.get_num_threads()
     if p.rows_kernel and N * n1 <= _FEW_ROWS:
-        rc = lib.kn_small_a_rows(x3.data_ptr(), B.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m1, m2, threads)
+        rc = lib.kn_small_a_rows(x.data_ptr(), B.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m1, m2, threads)
     elif p.fuses:
         # both stages in the kernel, tile by tile (x is read once, t never leaves the cache)
-        rc = lib.kn_kron_forward(x3.data_ptr(), B.data_ptr(), None, p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
+        rc = lib.kn_kron_forward(x.data_ptr(), B.data_ptr(), None, p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
                                  threads)
     else:
         # B-stage by BLAS, t[n, (j1, r), i2] = Σ_j2 x[n, j1, j2] B_r[i2, j2]: one flat matmul with
         # a transposed view of B
-        t = torch.mm(x3.view(N * n1, n2), B.detach().view(r * m2, n2).T)
+        t = torch.mm(x.view(N * n1, n2), B.detach().view(r * m2, n2).T)
         if p.layout == "small_a":  # then the A-stage and the bias in one streaming pass
             rc = lib.kn_small_a_stage(t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1 * r, m1, m2, threads)
         else:  # then the A-stage, the interleave and the bias
             rc = lib.kn_kron_forward(None, None, t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
                                      threads)
     if rc:
-        raise RuntimeError(f"the native Kronecker kernel failed for x {tuple(x3.shape)}, A {tuple(A.shape)}, "
+        raise RuntimeError(f"the native Kronecker kernel failed for x {tuple(shape)}, A {tuple(A.shape)}, "
                            f"B {tuple(B.shape)} (out of memory?)")
     return y
 
