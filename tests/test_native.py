@@ -105,9 +105,17 @@ def test_native_layer_in_inference_and_training():
 
 def test_factor_updates_are_always_seen():
     torch.manual_seed(0)
-    # B 2x8 (large-A kernel, BLAS B-stage), B 2x16 (large-A kernel, its own B-stage), B 32x24 (small-A kernel)
-    for n_in, a_shape in ((96, (32, 12)), (256, (32, 16)), (96, (2, 4))):
+    # B 2x8 (large-A kernel, BLAS B-stage), B 2x16 (large-A kernel, its own B-stage), B 32x24
+    # (small-A kernel), B 32x32 (small-A rows kernel)
+    for n_in, a_shape in ((96, (32, 12)), (256, (32, 16)), (96, (2, 4)), (128, (2, 4))):
         _check_cache_updates(KroneckerLinear(n_in, 64, a_shape, order="native"))
+    # A 384x48 (72 KB): the kernel compares its bytes on two threads, each one half
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_cache_updates(KroneckerLinear(768, 768, (384, 48), order="native"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_cache_updates(k):
@@ -124,6 +132,8 @@ def _check_cache_updates(k):
         y1 = check()
         k.A.data.mul_(-1.0)  # through .data: the version does not change, the values do
         y2 = check()
+        k.A.data[-1, -1, -1] += 1.0  # the last bytes only
+        assert not torch.equal(check(), y2)
         k.B.data.mul_(3.0)  # B is cached too (as the B-stage operand)
         check()
         k.B.add_(0.5)

@@ -43,11 +43,7 @@ _lib = None
 _tried = False
 _lock = threading.Lock()
 _plans: dict = {}
-# byte comparison of a cached factor with its saved copy: a few µs where torch.equal costs ~10
-_memcmp = ctypes.CDLL(None).memcmp if sys.platform.startswith("linux") else None
-if _memcmp is not None:
-    _memcmp.restype = ctypes.c_int
-    _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_STALE = 1  # what a kernel returns when the factor's bytes differ from its plan's saved copy
 
 
 def _cache_dir() -> str:
@@ -91,15 +87,16 @@ def _build() -> Optional[ctypes.CDLL]:
         return None
     h = lib.kn_small_a_rows
     h.restype = ctypes.c_int
-    h.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 6
+    check = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]  # see _call: the factor's bytes, checked in C
+    h.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 6 + check
     g = lib.kn_small_a_stage
     g.restype = ctypes.c_int
-    g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4
+    g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4 + check
     lib.kn_fuses_b_stage.restype = ctypes.c_int
     lib.kn_fuses_b_stage.argtypes = [ctypes.c_int] * 4
     f = lib.kn_kron_forward
     f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_int] * 6
+    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_int] * 6 + check
     return lib
 
 
@@ -164,7 +161,7 @@ class _Plan:
     the shapes, which kernel path applies, and what to check that ``A`` has not changed since."""
 
     __slots__ = ("layout", "a", "a_ptr", "dims", "fuses", "rows_kernel", "ref", "version", "ptr", "a_shape",
-                 "b_shape", "saved", "nbytes")
+                 "b_shape", "saved", "check")
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, layout: str, lib):
         r, m1, n1 = A.shape
@@ -193,23 +190,27 @@ class _Plan:
         self.version, self.ptr = _version(A), A.data_ptr()
         self.a_shape, self.b_shape = A.shape, B.shape
         self.saved = A.clone()
-        self.nbytes = A.numel() * A.element_size()
+        # the kernels compare A's bytes with the saved copy before they start (returning _STALE
+        # if they differ): updates through ``.data`` do not bump the version
+        self.check = (self.ptr, self.saved.data_ptr(), A.numel() * A.element_size())
 
     def matches(self, A: torch.Tensor, B: torch.Tensor) -> bool:
-        # cheapest tests first; the bytes last (updates through ``.data`` do not bump the version)
+        """Whether ``A`` is the tensor the plan was built from, in place and unchanged as far as
+        its version counter tells (its bytes are compared in the kernel call)."""
         return (self.ref() is A and _version(A) == self.version and A.data_ptr() == self.ptr
                 and A.shape == self.a_shape and B.shape == self.b_shape and A.dtype == torch.float32
-                and A.is_cpu and A.is_contiguous() and _memcmp(self.saved.data_ptr(), self.ptr, self.nbytes) == 0)
+                and A.is_cpu and A.is_contiguous())
 
 
 def _cached_plan(A: torch.Tensor, B: torch.Tensor) -> Optional[_Plan]:
     """The cached :class:`_Plan` of the factor ``A`` (B is only ever read in place), or ``None``.
 
-    Keyed by the factor object; a hit also needs its version, storage, shapes and values to equal
-    what the plan was built from (values compared bytewise, since updates through ``.data`` do
-    not bump the version: a few µs, A being the small factor or a few hundred KB). Packing ``A``
-    on every call instead was measured slower: it must be read either way, and the packed copy is
-    twice its size.
+    Keyed by the factor object; a hit also needs its version, storage and shapes to equal what
+    the plan was built from. Its values are compared bytewise by the kernel itself, on all its
+    threads, since updates through ``.data`` do not bump the version (a few µs, A being the
+    small factor or a few hundred KB; 3-4 µs less than a separate ``memcmp`` call, measured).
+    Packing ``A`` on every call instead was measured slower: it must be read either way, and the
+    packed copy is twice its size.
     """
     plan = _plans.get(id(A))
     return plan if plan is not None and plan.matches(A, B) else None
@@ -278,21 +279,27 @@ def native_kronecker_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     b = bias.data_ptr() if bias is not None else None
     lib = _lib
     threads = torch.get_num_threads()
-    if p.rows_kernel and N * n1 <= _FEW_ROWS:
-        rc = lib.kn_small_a_rows(x.data_ptr(), B.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m1, m2, threads)
-    elif p.fuses:
-        # both stages in the kernel, tile by tile (x is read once, t never leaves the cache)
-        rc = lib.kn_kron_forward(x.data_ptr(), B.data_ptr(), None, p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
-                                 threads)
-    else:
-        # B-stage by BLAS, t[n, (j1, r), i2] = Σ_j2 x[n, j1, j2] B_r[i2, j2]: one flat matmul with
-        # a transposed view of B
-        t = torch.mm(x.view(N * n1, n2), B.detach().view(r * m2, n2).T)
-        if p.layout == "small_a":  # then the A-stage and the bias in one streaming pass
-            rc = lib.kn_small_a_stage(t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1 * r, m1, m2, threads)
-        else:  # then the A-stage, the interleave and the bias
-            rc = lib.kn_kron_forward(None, None, t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
-                                     threads)
+    for _ in range(2):  # a second time only if A's bytes changed since its plan was built
+        if p.rows_kernel and N * n1 <= _FEW_ROWS:
+            rc = lib.kn_small_a_rows(x.data_ptr(), B.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m1, m2,
+                                     threads, *p.check)
+        elif p.fuses:
+            # both stages in the kernel, tile by tile (x is read once, t never leaves the cache)
+            rc = lib.kn_kron_forward(x.data_ptr(), B.data_ptr(), None, p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2,
+                                     M, threads, *p.check)
+        else:
+            # B-stage by BLAS, t[n, (j1, r), i2] = Σ_j2 x[n, j1, j2] B_r[i2, j2]: one flat matmul with
+            # a transposed view of B
+            t = torch.mm(x.view(N * n1, n2), B.detach().view(r * m2, n2).T)
+            if p.layout == "small_a":  # then the A-stage and the bias in one streaming pass
+                rc = lib.kn_small_a_stage(t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1 * r, m1, m2, threads,
+                                          *p.check)
+            else:  # then the A-stage, the interleave and the bias
+                rc = lib.kn_kron_forward(None, None, t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
+                                         threads, *p.check)
+        if rc != _STALE:
+            break
+        p = _new_plan(A, B, lib)
     if rc:
         raise RuntimeError(f"the native Kronecker kernel failed for x {tuple(shape)}, A {tuple(A.shape)}, "
                            f"B {tuple(B.shape)} (out of memory?)")
@@ -325,6 +332,23 @@ KERNEL_SOURCE = r"""/*
 #include <string.h>
 
 #define KN_INLINE static inline __attribute__((always_inline))
+
+/* Whether ``n`` bytes at ``a`` (the factor A now) differ from ``saved`` (the copy its packed form
+ * was made from), compared by up to ``threads`` threads: each entry point below starts with this
+ * and returns 1 (nothing computed) when they differ, as a write through ``A.data`` leaves no
+ * other trace. */
+static int stale(const void *a, const void *saved, long n, int threads) {
+    int diff = 0;
+    if (!a || !saved || n <= 0) return 0;
+    if (threads < 2 || n < 65536) return memcmp(a, saved, (size_t)n) != 0;
+#pragma omp parallel num_threads(threads) reduction(| : diff)
+    {
+        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        const long lo = n * tid / nth, hi = n * (tid + 1) / nth;
+        diff |= memcmp((const char *)a + lo, (const char *)saved + lo, (size_t)(hi - lo)) != 0;
+    }
+    return diff;
+}
 
 int kn_cpu_has_avx512(void) {
     __builtin_cpu_init();
@@ -588,10 +612,12 @@ KN_INLINE void dots(const float *x, const float *b, float *t, const int n2, cons
  * gets. Here each thread takes blocks of 16 rows of B, computes their dot products with every
  * row of x (B and x both read along their rows, no copy or packing), and turns them straight
  * into 16 output columns of every token with the A-stage and the bias. Needs n2 and m2
- * multiples of 16; rank at most 16. Returns 0, or -1 for unsupported shapes or out of memory. */
+ * multiples of 16; rank at most 16. Returns 0, 1 if A changed (see stale), or -1 for unsupported shapes or
+ * out of memory. */
 int kn_small_a_rows(const float *x, const float *B, const float *acat, const float *bias, float *y, long N, int n1,
-                    int n2, int r, int m1, int m2, int threads) {
+                    int n2, int r, int m1, int m2, int threads, const void *a, const void *saved, long a_bytes) {
     if (N < 0 || n1 < 1 || n2 < 16 || n2 % 16 || m2 < 16 || m2 % 16 || r < 1 || r > 16 || m1 < 1) return -1;
+    if (stale(a, saved, a_bytes, threads)) return 1;
     if (N == 0) return 0;
     const long cols = N * n1;  /* rows (n, j1) of x */
     const int K = n1 * r, M = m1 * m2, blocks = m2 / 16, ts = 16 * r;
@@ -635,10 +661,12 @@ int kn_small_a_rows(const float *x, const float *B, const float *acat, const flo
 /* The A-stage for a small A and a wide B (e.g. A 8x2 (x) B 384x384, KroneckerBERT8's FFN):
  * y[n, i1*m2 + c] = bias[i1*m2 + c] + sum_k acat[i1, k] t[n, k, c] with t (N, K, m2) the B-stage
  * output and acat (m1, K). One streaming pass writes y with the bias in it, instead of a batched
- * matmul of N tiny products and then a bias pass over the (large) output. Any m2 >= 1. */
+ * matmul of N tiny products and then a bias pass over the (large) output. Any m2 >= 1. Returns 0, 1 if A
+ * changed (see stale), or -1 for bad arguments. */
 int kn_small_a_stage(const float *t, const float *acat, const float *bias, float *y, long N, int K, int m1, int m2,
-                     int threads) {
+                     int threads, const void *a, const void *saved, long a_bytes) {
     if (N < 0 || K < 1 || m1 < 1 || m2 < 1) return -1;
+    if (stale(a, saved, a_bytes, threads)) return 1;
     if (threads < 1) threads = 1;
     if (N < threads) threads = N > 0 ? (int)N : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -672,12 +700,15 @@ int kn_fuses_b_stage(int n1, int n2, int r, int m2) {
  * With x given (shapes where kn_fuses_b_stage: n1, n2 multiples of 16 and r*m2 in {1, 2, 4, 8, 16}, or
  * B 2x2 of rank 1 with n1 a multiple of 8), the B-stage runs here from x and B
  * (r, m2, n2), tile by tile; with x NULL, t (N, n1*r, m2) is the B-stage output computed by the
- * caller. Needs M % 16 == 0 and m2 in {1, 2, 4, 8, 16}; returns 0 on success, -1 otherwise. */
+ * caller. Needs M % 16 == 0 and m2 in {1, 2, 4, 8, 16}; returns 0 on success, 1 if A changed (see stale),
+ * -1 otherwise. */
 int kn_kron_forward(const float *x, const float *B, const float *t, const float *adp, const float *bias, float *y,
-                    long N, int n1, int n2, int r, int m2, int M, int threads) {
+                    long N, int n1, int n2, int r, int m2, int M, int threads, const void *a, const void *saved,
+                    long a_bytes) {
     if (M % 16 || N < 0) return -1;
     if (x && !kn_fuses_b_stage(n1, n2, r, m2)) return -1;
     if (!x && !t) return -1;
+    if (stale(a, saved, a_bytes, threads)) return 1;
     switch (m2) {
         case 1: return run(x, B, t, adp, bias, y, N, n1, n2, r, 1, M, threads);
         case 2: return run(x, B, t, adp, bias, y, N, n1, n2, r, 2, M, threads);
