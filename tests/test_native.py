@@ -1,5 +1,7 @@
 """The fused native CPU kernel (kn_transformers.native) against a float64 dense reference."""
 
+import copy
+import io
 import os
 import platform
 import shutil
@@ -143,6 +145,30 @@ def _check_cache_updates(k):
     assert not torch.allclose(y0, y1) and not torch.allclose(y1, y2)
 
 
+def test_non_contiguous_factor():
+    """A factor sliced out of a larger tensor, expanded or permuted: the kernel packs it anyway,
+    and its plan (whose bytes cannot be compared in place) is rebuilt on every call."""
+    torch.manual_seed(0)
+    B = torch.randn(2, 2, 16)
+    x = torch.randn(4, 256)
+    bases = (torch.randn(2, 64, 16), torch.randn(1, 32, 16), torch.randn(2, 16, 32))
+    views = (lambda t: t[:, :32],  # gaps between rows
+             lambda t: t.expand(2, 32, 16),  # stride 0: fewer bytes than elements
+             lambda t: t.transpose(1, 2))  # dense, permuted
+    for base, view in zip(bases, views):
+        A = view(base)
+        assert not A.is_contiguous()
+        for step in range(2):
+            if step:
+                base.data.add_(1.0)  # a new value of A, seen by the next call
+            ref = x.double() @ kronecker_to_dense(A.double(), B.double()).T
+            for order in ("native", "auto"):
+                with torch.no_grad():
+                    for _ in range(2):
+                        y = _kron_apply(x, A, B, order, None)
+                        assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_layer_built_under_inference_mode():
     """Parameters created under torch.inference_mode are inference tensors (no version counter);
     the kernel still sees in-place updates of them."""
@@ -282,9 +308,12 @@ def test_auto_layer_goes_straight_to_a_chosen_kernel_and_back(monkeypatch):
         check(x[:, :1].double())
         k.float()
         expect(6, 4, 2, 2)
-        for bad in (torch.randn(2, 255), torch.randn(3, 200)):  # 200 features: 2 rows of 256, the memo's count
+        # 200 features: 2 rows of 256, the memo's count; (N, n1, n2): what the kernel reads, not a layer input
+        for bad in (torch.randn(2, 255), torch.randn(3, 200), torch.randn(2, 16, 16)):
             with pytest.raises(ValueError, match="256"):
                 k(bad)
+        with pytest.raises(ValueError, match="256"):
+            KroneckerLinear(256, 64, (32, 16), order="native")(torch.randn(2, 16, 16))
     xg = x.clone().requires_grad_(True)  # autograd: never the kernel
     check(xg).sum().backward()
     dense = k.to_dense().requires_grad_(True)
@@ -298,6 +327,15 @@ def test_auto_layer_goes_straight_to_a_chosen_kernel_and_back(monkeypatch):
         set_kronecker_autotune(True)  # clears the autotuner's choices: memos from before are void
         check(x)
         expect(6, 4, 2, 2, 6, 6, 6)
+        # a copied layer (another process, say, whose autotuner may choose otherwise) asks again
+        buf = io.BytesIO()
+        torch.save(k, buf)
+        buf.seek(0)
+        k = torch.load(buf, weights_only=False)
+        check(x)
+        k = copy.deepcopy(k)
+        check(x)
+        expect(6, 4, 2, 2, 6, 6, 6, 6, 6)
 
 
 def test_disabled_by_environment_falls_back_to_pytorch():

@@ -348,18 +348,19 @@ _STRATEGY_FNS = {
 # grad) it times forward+backward, since that is what a step pays.
 _ORDER_CACHE: dict = {}
 _AUTOTUNE = True
-# bumped whenever _ORDER_CACHE is cleared: layers' memos of a cached choice (see
-# KroneckerLinear.forward) from before then no longer count
-_ORDER_GENERATION = 0
+# a new object whenever _ORDER_CACHE is cleared: layers' memos of a cached choice (see
+# KroneckerLinear.forward) hold it and match by identity, so a memo from before the clear, or
+# one copied along with its layer (pickled, deep-copied), never counts
+_ORDER_TOKEN = object()
 
 
 def set_kronecker_autotune(enabled: bool) -> None:
     """Turn timing-based order selection on (default) or off (then the FLOP count decides the
     order, deterministically)."""
-    global _AUTOTUNE, _ORDER_GENERATION
+    global _AUTOTUNE, _ORDER_TOKEN
     _AUTOTUNE = bool(enabled)
     _ORDER_CACHE.clear()
-    _ORDER_GENERATION += 1
+    _ORDER_TOKEN = object()
 
 
 def _rows_bucket(rows: int) -> int:
@@ -561,22 +562,23 @@ class KroneckerLinear(nn.Module):
         """The dense ``(out, in)`` weight, built on demand (for inspection, never in forward)."""
         return kronecker_to_dense(self.A, self.B)
 
-    # (rows bucket, _ORDER_GENERATION, has bias) for which "auto" last chose the native kernel
+    # (rows bucket, _ORDER_TOKEN, has bias) for which "auto" last chose the native kernel
     _native_memo: Optional[tuple] = None
     # whether the kernel covers the factor shapes (set in __init__; layers made without it ask)
     _native_shapes = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B, bias, order = self.A, self.B, self.bias, self.order
+        if x.shape[-1] != self.in_features:
+            return _kron_apply(x, A, B, order, bias)  # raises the shape error
         if order == "auto" and self._native_shapes and not torch.compiler.is_compiling():
             # The native kernel's calls take 0.01-1 ms, and the Python around them costs tens of
             # µs with the caches the kernel leaves cold: once "auto" has chosen it for this many
-            # rows, the layer goes straight to it (whose own checks still decide if it applies).
+            # rows, the layer goes straight to it. The kernel's own checks (dtype, device,
+            # autograd, A's state) still decide whether it runs.
             rows = x.numel() // self.in_features
-            memo = (_rows_bucket(rows), _ORDER_GENERATION, bias is not None)
+            memo = (_rows_bucket(rows), _ORDER_TOKEN, bias is not None)
             if memo != self._native_memo:
-                if x.shape[-1] != self.in_features:
-                    return _kron_apply(x, A, B, order, bias)  # raises the shape error
                 order = _pick_order(x, A, B, rows, bias)
                 if order != "native":
                     return _kron_apply(x, A, B, order, bias)

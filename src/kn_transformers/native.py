@@ -87,7 +87,7 @@ def _build() -> Optional[ctypes.CDLL]:
         return None
     h = lib.kn_small_a_rows
     h.restype = ctypes.c_int
-    check = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]  # see _call: the factor's bytes, checked in C
+    check = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]  # A, its saved copy, bytes: see _Plan
     h.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 6 + check
     g = lib.kn_small_a_stage
     g.restype = ctypes.c_int
@@ -191,8 +191,10 @@ class _Plan:
         self.a_shape, self.b_shape = A.shape, B.shape
         self.saved = A.clone()
         # the kernels compare A's bytes with the saved copy before they start (returning _STALE
-        # if they differ): updates through ``.data`` do not bump the version
-        self.check = (self.ptr, self.saved.data_ptr(), A.numel() * A.element_size())
+        # if they differ): updates through ``.data`` do not bump the version. A non-contiguous A
+        # (a slice, an expanded view) is not compared bytewise: its plan is never reused.
+        contiguous = A.is_contiguous()
+        self.check = (self.ptr, self.saved.data_ptr(), A.numel() * A.element_size()) if contiguous else (None, None, 0)
 
     def matches(self, A: torch.Tensor, B: torch.Tensor) -> bool:
         """Whether ``A`` is the tensor the plan was built from, in place and unchanged as far as
@@ -301,8 +303,9 @@ def native_kronecker_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             break
         p = _new_plan(A, B, lib)
     if rc:
+        why = "A changed during the call (written by another thread?)" if rc == _STALE else "out of memory?"
         raise RuntimeError(f"the native Kronecker kernel failed for x {tuple(shape)}, A {tuple(A.shape)}, "
-                           f"B {tuple(B.shape)} (out of memory?)")
+                           f"B {tuple(B.shape)} ({why})")
     return y
 
 
