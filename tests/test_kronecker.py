@@ -290,3 +290,28 @@ def test_factor_choices_are_valid_and_the_pick_is_deterministic():
         choose_kronecker_factors(2, 1, target_fraction=0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         choose_kronecker_factors(4, 4, target_fraction=1.5)
+
+
+def test_autotuner_times_factors_as_they_will_run(monkeypatch):
+    """Under no_grad a parameter (and its views) still requires grad, and torch.matmul then
+    takes a slower path for b_first / a_first: the autotuner must time that, not detached
+    factors, and keep apart the choice for frozen factors of the same shapes."""
+    from kn_transformers import kronecker
+
+    monkeypatch.setattr(kronecker, "_ORDER_CACHE", {})
+    seen = []
+    time_orders = kronecker._time_orders
+
+    def recording(A, B, rows, dtype, device, has_bias=False, train=False, a_requires_grad=False):
+        seen.append((train, a_requires_grad))
+        return time_orders(A, B, rows, dtype, device, has_bias, train, a_requires_grad)
+
+    monkeypatch.setattr(kronecker, "_time_orders", recording)
+    torch.manual_seed(0)
+    trainable = KroneckerLinear(96, 64, (8, 8))
+    frozen = KroneckerLinear(96, 64, (8, 8)).requires_grad_(False)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        for layer in (trainable, frozen, trainable, frozen):
+            torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-5, atol=1e-5)
+    assert seen == [(False, True), (False, False)]

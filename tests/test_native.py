@@ -272,7 +272,7 @@ def test_auto_layer_goes_straight_to_a_chosen_kernel_and_back(monkeypatch):
     from kn_transformers import kronecker, set_kronecker_autotune
 
     monkeypatch.setattr(kronecker, "_ORDER_CACHE", {})  # nothing leaks into other tests
-    monkeypatch.setattr(kronecker, "_time_orders", lambda A, B, rows, dtype, device, has_bias, train:
+    monkeypatch.setattr(kronecker, "_time_orders", lambda A, B, rows, dtype, device, has_bias, train, a_grad:
                         "native" if native.native_supported(A, B, torch.ones(1, dtype=dtype, device=device))
                         and not train else kronecker._default_order(A, B))
     picks = []

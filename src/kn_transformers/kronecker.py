@@ -420,21 +420,27 @@ def _pick_order(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rows: int,
     # the cache lookup first: this runs on every call, often with caches just flushed by the
     # previous layer's kernel, so the hit path touches as little as it can
     has_bias = bias is not None
-    train = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+    a_grad = A.requires_grad
+    train = torch.is_grad_enabled() and (a_grad or x.requires_grad or B.requires_grad
                                          or (has_bias and bias.requires_grad))
     device = x.device.type
-    key = (A.shape, B.shape, _rows_bucket(rows), x.dtype, device, has_bias, train)
+    # Outside training A's flag still counts: torch.matmul takes another (2-4x slower) path for
+    # a 2-D operand that requires grad, even under no_grad (a parameter's views keep the flag),
+    # so b_first / a_first are timed the way they will run
+    key = (A.shape, B.shape, _rows_bucket(rows), x.dtype, device, has_bias, train, a_grad)
     order = _ORDER_CACHE.get(key)
     if order is not None:
         # the native kernel is opaque to torch.compile: traced code takes the default order
         return _default_order(A, B) if order == "native" and torch.compiler.is_compiling() else order
     if not _AUTOTUNE or rows == 0 or device == "meta" or torch.compiler.is_compiling():
         return _default_order(A, B)
-    order = _ORDER_CACHE[key] = _time_orders(A.detach(), B.detach(), key[2], x.dtype, x.device, has_bias, train)
+    order = _ORDER_CACHE[key] = _time_orders(A.detach(), B.detach(), key[2], x.dtype, x.device, has_bias, train,
+                                             a_grad)
     return order
 
 
-def _time_orders(A, B, rows, dtype, device, has_bias: bool = False, train: bool = False) -> str:
+def _time_orders(A, B, rows, dtype, device, has_bias: bool = False, train: bool = False,
+                 a_requires_grad: bool = False) -> str:
     n = A.shape[2] * B.shape[2]
     m = A.shape[1] * B.shape[1]
     # no RNG draw: training stays reproducible
@@ -446,6 +452,8 @@ def _time_orders(A, B, rows, dtype, device, has_bias: bool = False, train: bool 
         if bias is not None:
             bias.requires_grad_(True)
         g = torch.ones(rows, m, dtype=dtype, device=device)
+    elif a_requires_grad:
+        A = A.detach().requires_grad_(True)  # (see _pick_order: torch.matmul's path depends on it)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run(order):
