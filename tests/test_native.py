@@ -249,6 +249,7 @@ def test_empty_input_after_a_cached_choice():
         with torch.no_grad():
             k(torch.randn(1, n_in))
             y = k(torch.randn(0, n_in))
+            assert _kron_apply(torch.randn(0, n_in), k.A, k.B, "native", k.bias).shape == (0, 768)
         assert y.shape == (0, 768)
 
 

@@ -325,7 +325,8 @@ def _order_a_first_ew(x3, A, B, bias):
 
 
 def _order_native(x3, A, B, bias):
-    y = native_kronecker_linear(x3, A, B, bias)  # None where the kernel does not apply
+    N, n1, n2 = x3.shape
+    y = native_kronecker_linear(x3.reshape(N, n1 * n2), A, B, bias)  # None where the kernel does not apply
     return y if y is not None else _order_b_first_t(x3, A, B, bias)
 
 
@@ -577,22 +578,21 @@ class KroneckerLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B, bias, order = self.A, self.B, self.bias, self.order
-        if x.shape[-1] != self.in_features:
-            return _kron_apply(x, A, B, order, bias)  # raises the shape error
-        if order == "auto" and self._native_shapes and not torch.compiler.is_compiling():
-            # The native kernel's calls take 0.01-1 ms, and the Python around them costs tens of
-            # µs with the caches the kernel leaves cold: once "auto" has chosen it for this many
-            # rows, the layer goes straight to it. The kernel's own checks (dtype, device,
-            # autograd, A's state) still decide whether it runs.
-            rows = x.numel() // self.in_features
-            memo = (_rows_bucket(rows), _ORDER_TOKEN, bias is not None)
-            if memo != self._native_memo:
-                order = _pick_order(x, A, B, rows, bias)
-                if order != "native":
-                    return _kron_apply(x, A, B, order, bias)
-                self._native_memo = memo
-            order = "native"
-        if order == "native":
+        native = order == "native" or (order == "auto" and self._native_shapes
+                                        and not torch.compiler.is_compiling())
+        if native and x.shape[-1] == self.in_features:  # (a wrong shape: _kron_apply raises)
+            if order == "auto":
+                # The native kernel's calls take 0.01-1 ms, and the Python around them costs tens
+                # of µs with the caches the kernel leaves cold: once "auto" has chosen it for this
+                # many rows, the layer goes straight to it. The kernel's own checks (dtype, device,
+                # autograd, A's state) still decide whether it runs.
+                rows = x.numel() // self.in_features
+                memo = (_rows_bucket(rows), _ORDER_TOKEN, bias is not None)
+                if memo != self._native_memo:
+                    order = _pick_order(x, A, B, rows, bias)
+                    if order != "native":
+                        return _kron_apply(x, A, B, order, bias)
+                    self._native_memo = memo
             y = native_kronecker_linear(x, A, B, bias)
             if y is not None:
                 return y

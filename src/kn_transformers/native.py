@@ -236,12 +236,11 @@ def native_kronecker_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     where the kernel does not apply (:func:`native_supported`, and a float32 CPU bias).
 
     Args:
-        x: ``(..., n1*n2)``, or ``(N, n1, n2)`` where the last dimension is not ``n1*n2``;
-            float32.
+        x: ``(..., n1*n2)`` float32.
         A: ``(rank, m1, n1)``; B: ``(rank, m2, n2)``; bias: ``(m1*m2,)`` or ``None``.
 
     Returns:
-        ``(..., m1*m2)`` (``(N, m1*m2)`` for ``(N, n1, n2)``), without autograd, or ``None``.
+        ``(..., m1*m2)``, without autograd, or ``None``.
     """
     # Once A has a plan, only what can change without changing A is checked (x, B, bias, grad
     # mode): every layer call pays for this, usually with the caches just flushed by the previous
@@ -256,17 +255,10 @@ def native_kronecker_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         p = _new_plan(A, B, _lib)
     n1, n2, r, m1, m2, M = p.dims
     shape = x.shape
-    if shape[-1] == n1 * n2:
-        out_shape = (*shape[:-1], M)
-    elif len(shape) == 3 and shape[1] == n1 and shape[2] == n2:
-        out_shape = (shape[0], M)
-    else:
-        out_shape = None
-    if out_shape is None or (bias is not None and bias.numel() != M):
+    if shape[-1] != n1 * n2 or (bias is not None and bias.numel() != M):
         raise ValueError(f"x {tuple(shape)} and bias {None if bias is None else tuple(bias.shape)} do not fit "
-                         f"A {tuple(A.shape)} and B {tuple(B.shape)}: need x (..., {n1 * n2}) or (N, {n1}, {n2}) "
-                         f"and bias ({M},)")
-    y = torch.empty(out_shape, dtype=torch.float32, device="cpu")  # not the default dtype/device
+                         f"A {tuple(A.shape)} and B {tuple(B.shape)}: need x (..., {n1 * n2}) and bias ({M},)")
+    y = torch.empty((*shape[:-1], M), dtype=torch.float32, device="cpu")  # not the default dtype/device
     N = x.numel() // (n1 * n2)
     if N == 0:  # (an empty tensor's data pointer may be NULL, which the kernel reads as "no input")
         return y
