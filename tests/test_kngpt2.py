@@ -40,7 +40,6 @@ from kn_transformers import (
     kngpt2_config_from_gpt2,
     kngpt2_from_gpt2,
     kronecker_to_dense,
-    set_kronecker_autotune,
 )
 from kn_transformers.conversion import count_parameters
 
@@ -405,7 +404,14 @@ def saved_student(tmp_path_factory):
 def test_save_pretrained_then_auto_load_is_bit_identical(saved_student):
     student, folder = saved_student
     files = set(os.listdir(folder))
-    assert {"model.safetensors", "config.json", "modeling_kngpt2.py", "configuration_kngpt2.py", "kronecker.py"} <= files
+    assert {"model.safetensors", "config.json", "modeling_kngpt2.py", "configuration_kngpt2.py", "kronecker.py",
+            "contraction.py", "kronecker_math.py"} <= files
+    # the remote code is plain PyTorch: no C source, nothing that compiles or loads a binary
+    assert not [f for f in files if not f.endswith((".py", ".json", ".safetensors", ".md"))], files
+    for name in files:
+        if name.endswith(".py"):
+            text = (folder / name).read_text()
+            assert not any(word in text for word in ("ctypes", "subprocess", "kernels", "native")), name
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_kngpt2.KnGPT2Config",
@@ -462,8 +468,6 @@ _REMOTE_SCRIPT = textwrap.dedent(
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__name__ == "KnGPT2LMHeadModel", type(model)
     assert not type(model).__module__.startswith("kn_transformers"), type(model).__module__
-    # the copied kronecker.py: FLOP-count contraction order, as in the parent (timing differs per process)
-    sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".kronecker"].set_kronecker_autotune(False)
     ids = torch.load(ids_path)
     with torch.no_grad():
         logits = model(ids).logits
@@ -475,6 +479,37 @@ _REMOTE_SCRIPT = textwrap.dedent(
     torch.save({"logits": logits, "scores": scores, "names": names}, out_path)
     """
 )
+
+
+_LOGITS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import kn_transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    folder, ids_path, out_path = sys.argv[1:]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.save(model(torch.load(ids_path)).logits, out_path)
+    """
+)
+
+
+def test_two_fresh_processes_give_bit_identical_logits(saved_student, tmp_path):
+    """The default path has no timing and no per-process state: same model, same bits."""
+    _, folder = saved_student
+    ids = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(8))
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "logits.py").write_text(_LOGITS_SCRIPT)
+    outs = []
+    for i in range(2):
+        proc = subprocess.run([sys.executable, str(tmp_path / "logits.py"), str(folder), str(tmp_path / "ids.pt"),
+                               str(tmp_path / f"out{i}.pt")], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(torch.load(tmp_path / f"out{i}.pt"))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_trust_remote_code_loads_without_kn_transformers(saved_student, tmp_path):
@@ -493,14 +528,12 @@ def test_trust_remote_code_loads_without_kn_transformers(saved_student, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
     assert out["names"] == ["KnGPT2Config", "KnGPT2Model", "KnGPT2ForSequenceClassification"]
-    set_kronecker_autotune(False)
     try:
         with torch.no_grad():
             logits = student(ids).logits
             student.set_attn_implementation("kn_eager_scores")
             scores = student(ids, output_attentions=True).attentions
     finally:
-        set_kronecker_autotune(True)
         student.set_attn_implementation("eager")
     assert torch.equal(out["logits"], logits)
     assert len(out["scores"]) == len(scores) == 2

@@ -13,7 +13,7 @@ from kn_transformers import (
     kronecker_to_dense,
     nearest_kronecker,
 )
-from kn_transformers.kronecker import _rearrange
+from kn_transformers.kronecker_math import _rearrange
 
 F64 = torch.float64
 
@@ -88,8 +88,7 @@ SHAPES = [  # (in, out, a_shape, rank)
 
 
 @pytest.mark.parametrize(
-    "order", ["b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew", "native",
-              "auto"]
+    "order", ["b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew", "auto"]
 )
 @pytest.mark.parametrize("n_in,n_out,a_shape,rank", SHAPES)
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (1, 1, 4)])
@@ -122,8 +121,7 @@ def test_both_orders_agree_on_a_large_batch():
     A, B = random_factors(2, (6, 2), (64, 48))
     x = torch.randn(3, 7, 96, dtype=F64)
     ref = x @ kronecker_to_dense(A, B).T
-    for order in ("a_first", "b_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew",
-                  "native", "auto"):
+    for order in ("a_first", "b_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew", "auto"):
         assert (kronecker_matmul(x, A, B, order) - ref).abs().max() < 1e-10
 
 
@@ -290,28 +288,3 @@ def test_factor_choices_are_valid_and_the_pick_is_deterministic():
         choose_kronecker_factors(2, 1, target_fraction=0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         choose_kronecker_factors(4, 4, target_fraction=1.5)
-
-
-def test_autotuner_times_factors_as_they_will_run(monkeypatch):
-    """Under no_grad a parameter (and its views) still requires grad, and torch.matmul then
-    takes a slower path for b_first / a_first: the autotuner must time that, not detached
-    factors, and keep apart the choice for frozen factors of the same shapes."""
-    from kn_transformers import kronecker
-
-    monkeypatch.setattr(kronecker, "_ORDER_CACHE", {})
-    seen = []
-    time_orders = kronecker._time_orders
-
-    def recording(A, B, rows, dtype, device, has_bias=False, train=False, a_requires_grad=False):
-        seen.append((train, a_requires_grad))
-        return time_orders(A, B, rows, dtype, device, has_bias, train, a_requires_grad)
-
-    monkeypatch.setattr(kronecker, "_time_orders", recording)
-    torch.manual_seed(0)
-    trainable = KroneckerLinear(96, 64, (8, 8))
-    frozen = KroneckerLinear(96, 64, (8, 8)).requires_grad_(False)
-    x = torch.randn(5, 96)
-    with torch.no_grad():
-        for layer in (trainable, frozen, trainable, frozen):
-            torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-5, atol=1e-5)
-    assert seen == [(False, True), (False, False)]

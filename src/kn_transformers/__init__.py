@@ -22,19 +22,11 @@ from .convert_bert import PRESETS as KRONECKER_BERT_PRESETS
 from .convert_bert import KroneckerBertPreset, kronecker_bert_config, kronecker_bert_from_bert
 from .convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2
 from .distillation import DISTILLATION_PRESETS, DistillationArguments, ILKDTrainer
-from .kronecker import (
-    KRONECKER_ORDERS,
-    FactorChoice,
-    KroneckerEmbedding,
-    KroneckerLinear,
-    choose_kronecker_factors,
-    kronecker_factor_choices,
-    kronecker_flops,
-    kronecker_matmul,
-    kronecker_to_dense,
-    nearest_kronecker,
-    set_kronecker_autotune,
-)
+from .contraction import KRONECKER_ORDERS, contraction_order, kronecker_matmul
+from .factor_search import FactorChoice, choose_kronecker_factors, kronecker_factor_choices
+from .inference import optimize_for_inference
+from .kronecker import KroneckerEmbedding, KroneckerLinear
+from .kronecker_math import kronecker_flops, kronecker_to_dense, nearest_kronecker
 from .modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel, KnGPT2Model, KnGPT2PreTrainedModel
 from .modeling_kronecker_bert import (
     KroneckerBertForMaskedLM,
@@ -89,6 +81,7 @@ __all__ = [
     "kronecker_matmul",
     "kronecker_to_dense",
     "nearest_kronecker",
-    "set_kronecker_autotune",
+    "optimize_for_inference",
+    "contraction_order",
     "KRONECKER_ORDERS",
 ]

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .conversion import CompressionReport, ModuleReport, count_parameters, decompose_module
-from .kronecker import choose_kronecker_factors
+from .factor_search import choose_kronecker_factors
 
 
 def decomposition_report(model: nn.Module, fraction: float, rank: int = 1) -> CompressionReport:

@@ -29,7 +29,8 @@ from transformers import (
 
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
 from .conversion import CompressionReport, count_parameters, decompose_module, replace_module
-from .kronecker import KroneckerEmbedding, choose_kronecker_factors
+from .factor_search import choose_kronecker_factors
+from .kronecker import KroneckerEmbedding
 from .modeling_kronecker_bert import (
     KroneckerBertForMaskedLM,
     KroneckerBertForQuestionAnswering,

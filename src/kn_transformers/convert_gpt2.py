@@ -30,7 +30,7 @@ from transformers.utils import logging
 
 from .configuration_kngpt2 import KNGPT2_LAYER_MODULES, KnGPT2Config
 from .conversion import CompressionReport, ModuleReport, count_parameters, decompose_module
-from .kronecker import choose_kronecker_factors
+from .factor_search import choose_kronecker_factors
 from .modeling_kngpt2 import KnGPT2LMHeadModel
 
 logger = logging.get_logger(__name__)

@@ -1,309 +1,4 @@
-"""An optional native CPU kernel for Kronecker layers where BLAS has no fast form.
-
-- ``B`` with few rows: with ``B`` of shape ``(m2, n2)`` and ``m2`` in 1..16 (KroneckerBERT's
-  attention splits, e.g. ``A 384×48 ⊗ B 2×16``), the product with ``A`` is either ``N`` tiny
-  matmuls or a flat matmul whose ``(N, m2, m1)`` output must be transposed into ``(N, m1, m2)``
-  order, a full pass over the output. The kernel computes it with the interleave fused.
-- A tiny ``A`` with a wide ``B`` (the papers' ``A 2×2 ⊗ B 384×384``): the A-stage and the bias
-  in one pass; at few tokens both stages in one call, without BLAS's call overhead.
-
-The C source is at the end of this file (``KERNEL_SOURCE``; AVX-512, float32, inference only).
-
-The kernel is compiled on first use with the system C compiler (about a second, cached under
-``$KN_TRANSFORMERS_CACHE`` or ``~/.cache/kn_transformers``) and loaded with ``ctypes``.
-Without a compiler, on a CPU without AVX-512, or with ``KN_TRANSFORMERS_NATIVE=0`` it is
-simply not offered to the strategy picker: every other strategy is pure PyTorch.
-"""
-
-from __future__ import annotations
-
-import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import weakref
-from typing import Optional
-
-import torch
-
-logger = logging.getLogger(__name__)
-
-# -fopenmp: the kernel's threads come from the OpenMP runtime torch has already loaded
-# (libgomp.so.1 is matched by soname), so they never spin against torch's own threads.
-_FLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512dq", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-_M2_SUPPORTED = (1, 2, 4, 8, 16)
-_BLOCK = 64  # columns per packed block of A (KERNEL_SOURCE: CW)
-
-_lib = None
-_tried = False
-_lock = threading.Lock()
-_plans: dict = {}
-_STALE = 1  # what a kernel returns when the factor's bytes differ from its plan's saved copy
-
-
-def _cache_dir() -> str:
-    root = os.environ.get("KN_TRANSFORMERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kn_transformers")
-    return os.path.join(root, "native")
-
-
-def _build() -> Optional[ctypes.CDLL]:
-    if os.environ.get("KN_TRANSFORMERS_NATIVE", "1").lower() in ("0", "false", "no", "off"):
-        return None
-    if not sys.platform.startswith("linux"):
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("kn_transformers: no C compiler found; the fused Kronecker CPU kernel is not used")
-        return None
-    digest = hashlib.sha256((KERNEL_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"kron_fused_{digest}.so")
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-        os.close(fd)
-        src = tmp[:-3] + ".c"
-        try:
-            with open(src, "w") as f:
-                f.write(KERNEL_SOURCE)
-            subprocess.run([compiler, *_FLAGS, src, "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, path)  # atomic: concurrent processes never load a half-written file
-        except (OSError, subprocess.SubprocessError) as err:
-            detail = getattr(err, "stderr", b"") or b""
-            logger.info("kn_transformers: building the fused Kronecker CPU kernel failed (%s); not used. %s",
-                        err, detail.decode(errors="replace")[-500:])
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            return None
-        finally:
-            if os.path.exists(src):
-                os.remove(src)
-    lib = ctypes.CDLL(path)
-    if not lib.kn_cpu_has_avx512():
-        return None
-    h = lib.kn_small_a_rows
-    h.restype = ctypes.c_int
-    check = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]  # A, its saved copy, bytes: see _Plan
-    h.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] + [ctypes.c_int] * 6 + check
-    g = lib.kn_small_a_stage
-    g.restype = ctypes.c_int
-    g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 4 + check
-    lib.kn_fuses_b_stage.restype = ctypes.c_int
-    lib.kn_fuses_b_stage.argtypes = [ctypes.c_int] * 4
-    f = lib.kn_kron_forward
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_int] * 6 + check
-    return lib
-
-
-def _library() -> Optional[ctypes.CDLL]:
-    global _lib, _tried
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _lib = _build()
-                _tried = True
-    return _lib
-
-
-_SMALL_A = 256  # A (rank, m1, n1) with at most this many entries takes the small-A kernel
-# Up to this many rows of x as (N*n1, n2), a small A computes both stages in kn_small_a_rows;
-# above it the B-stage goes to BLAS (measured crossover: 128-256 rows for B 384x384).
-_FEW_ROWS = 128
-
-
-def _layout(A: torch.Tensor, B: torch.Tensor) -> Optional[str]:
-    """Which kernel fits: ``"large_a"`` (B with 1-16 rows, ``m1·m2`` a multiple of 16: the
-    fused interleave), ``"small_a"`` (A with at most 256 entries and B with more than 16
-    rows: the bias-fused streaming A-stage), or ``None``."""
-    r, m1, n1 = A.shape
-    m2 = B.shape[1]
-    if m2 in _M2_SUPPORTED and (m1 * m2) % 16 == 0:
-        return "large_a"
-    if m2 > 16 and r * m1 * n1 <= _SMALL_A:
-        return "small_a"
-    return None
-
-
-def _operands_ok(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """``x``, ``B`` and ``bias`` float32 on CPU, and no autograd (nothing that requires grad, the
-    bias included, while grad mode is on). ``A``'s own dtype and device are not checked here: a
-    cached plan vouches for them (see :meth:`_Plan.matches`)."""
-    f32 = torch.float32
-    return not (x.dtype != f32 or B.dtype != f32 or not (x.is_cpu and B.is_cpu)
-                or (bias is not None and (bias.dtype != f32 or not bias.is_cpu))
-                or (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
-                                                 or (bias is not None and bias.requires_grad))))
-
-
-def native_supported(A: torch.Tensor, B: torch.Tensor, x: torch.Tensor,
-                     bias: Optional[torch.Tensor] = None) -> bool:
-    """Whether :func:`native_kronecker_linear` can compute ``x @ (Σ A_r ⊗ B_r)ᵀ (+ bias)`` here:
-    float32 CPU tensors, a shape one of the kernels covers (see :func:`_layout`), no autograd
-    (nothing that requires grad, the bias included, while grad mode is on), and the kernel built
-    (on the first call)."""
-    return (A.is_cpu and A.dtype == torch.float32 and _operands_ok(x, A, B, bias) and _layout(A, B) is not None
-            and _library() is not None)
-
-
-def _version(t: torch.Tensor) -> int:
-    # inference tensors (made under torch.inference_mode) have no version counter: for them the
-    # byte comparison alone decides
-    return -1 if t.is_inference() else t._version
-
-
-class _Plan:
-    """What a call needs from ``A`` besides pointers, built once: the kernel's layout of ``A``,
-    the shapes, which kernel path applies, and what to check that ``A`` has not changed since."""
-
-    __slots__ = ("layout", "a", "a_ptr", "dims", "fuses", "rows_kernel", "ref", "version", "ptr", "a_shape",
-                 "b_shape", "saved", "check")
-
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, layout: str, lib):
-        r, m1, n1 = A.shape
-        m2, n2 = B.shape[1], B.shape[2]
-        A = A.detach()
-        K = n1 * r
-        self.layout = layout
-        if layout == "small_a":
-            self.a = A.permute(1, 2, 0).reshape(m1, K).contiguous()  # column (j1, r), like t
-        else:
-            # a_dup[k, i1*m2 + i2] = A_r[i1, j1] (k = (j1, r)), in column blocks of 64, each (K, 64)
-            M = m1 * m2
-            a_dup = A.permute(2, 0, 1).reshape(K, m1).repeat_interleave(m2, dim=1)
-            full = M - M % _BLOCK
-            parts = [a_dup[:, :full].reshape(K, full // _BLOCK, _BLOCK).transpose(0, 1).reshape(-1)]
-            if full < M:
-                parts.append(a_dup[:, full:].reshape(-1))
-            self.a = torch.cat(parts).contiguous()
-        self.a_ptr = self.a.data_ptr()
-        self.dims = (n1, n2, r, m1, m2, m1 * m2)
-        self.fuses = layout == "large_a" and bool(lib.kn_fuses_b_stage(n1, n2, r, m2))
-        # small A at few rows: both stages in kn_small_a_rows (its shape conditions)
-        self.rows_kernel = layout == "small_a" and n2 % 16 == 0 and m2 % 16 == 0 and r <= 16
-        # the state of A the plan was built from (see _cached_plan)
-        self.ref = None
-        self.version, self.ptr = _version(A), A.data_ptr()
-        self.a_shape, self.b_shape = A.shape, B.shape
-        self.saved = A.clone()
-        # the kernels compare A's bytes with the saved copy before they start (returning _STALE
-        # if they differ): updates through ``.data`` do not bump the version. A non-contiguous A
-        # (a slice, an expanded view) is not compared bytewise: its plan is never reused.
-        contiguous = A.is_contiguous()
-        self.check = (self.ptr, self.saved.data_ptr(), A.numel() * A.element_size()) if contiguous else (None, None, 0)
-
-    def matches(self, A: torch.Tensor, B: torch.Tensor) -> bool:
-        """Whether ``A`` is the tensor the plan was built from, in place and unchanged as far as
-        its version counter tells (its bytes are compared in the kernel call)."""
-        return (self.ref() is A and _version(A) == self.version and A.data_ptr() == self.ptr
-                and A.shape == self.a_shape and B.shape == self.b_shape and A.dtype == torch.float32
-                and A.is_cpu and A.is_contiguous())
-
-
-def _cached_plan(A: torch.Tensor, B: torch.Tensor) -> Optional[_Plan]:
-    """The cached :class:`_Plan` of the factor ``A`` (B is only ever read in place), or ``None``.
-
-    Keyed by the factor object; a hit also needs its version, storage and shapes to equal what
-    the plan was built from. Its values are compared bytewise by the kernel itself, on all its
-    threads, since updates through ``.data`` do not bump the version (a few µs, A being the
-    small factor or a few hundred KB; 3-4 µs less than a separate ``memcmp`` call, measured).
-    Packing ``A`` on every call instead was measured slower: it must be read either way, and the
-    packed copy is twice its size.
-    """
-    plan = _plans.get(id(A))
-    return plan if plan is not None and plan.matches(A, B) else None
-
-
-def _new_plan(A: torch.Tensor, B: torch.Tensor, lib) -> _Plan:
-    """Build ``A``'s plan and cache it for as long as ``A`` lives."""
-    key = id(A)
-    plan = _Plan(A, B, _layout(A, B), lib)
-    try:
-        plan.ref = weakref.ref(A, lambda _, k=key, plans=_plans: plans.pop(k, None))
-    except TypeError:
-        return plan
-    _plans[key] = plan
-    return plan
-
-
-def native_kronecker_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                            bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """``x @ (Σ_r A_r ⊗ B_r)ᵀ + bias`` in one fused pass (see ``KERNEL_SOURCE``), or ``None``
-    where the kernel does not apply (:func:`native_supported`, and a float32 CPU bias).
-
-    Args:
-        x: ``(..., n1*n2)`` float32.
-        A: ``(rank, m1, n1)``; B: ``(rank, m2, n2)``; bias: ``(m1*m2,)`` or ``None``.
-
-    Returns:
-        ``(..., m1*m2)``, without autograd, or ``None``.
-    """
-    # Once A has a plan, only what can change without changing A is checked (x, B, bias, grad
-    # mode): every layer call pays for this, usually with the caches just flushed by the previous
-    # kernel, where each Python-level step costs about a µs. Hence no reshapes: the kernel reads
-    # x's rows through its pointer, and the output is allocated in its final shape.
-    if not _operands_ok(x, A, B, bias):
-        return None
-    p = _cached_plan(A, B)
-    if p is None:
-        if not native_supported(A, B, x, bias):
-            return None
-        p = _new_plan(A, B, _lib)
-    n1, n2, r, m1, m2, M = p.dims
-    shape = x.shape
-    if shape[-1] != n1 * n2 or (bias is not None and bias.numel() != M):
-        raise ValueError(f"x {tuple(shape)} and bias {None if bias is None else tuple(bias.shape)} do not fit "
-                         f"A {tuple(A.shape)} and B {tuple(B.shape)}: need x (..., {n1 * n2}) and bias ({M},)")
-    y = torch.empty((*shape[:-1], M), dtype=torch.float32, device="cpu")  # not the default dtype/device
-    N = x.numel() // (n1 * n2)
-    if N == 0:  # (an empty tensor's data pointer may be NULL, which the kernel reads as "no input")
-        return y
-    # the tensors whose pointers the kernel reads stay referenced until it returns (a temporary
-    # from .contiguous() inside the call's arguments would be freed before the kernel runs)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if not B.is_contiguous():
-        B = B.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    b = bias.data_ptr() if bias is not None else None
-    lib = _lib
-    threads = torch.get_num_threads()
-    for _ in range(2):  # a second time only if A's bytes changed since its plan was built
-        if p.rows_kernel and N * n1 <= _FEW_ROWS:
-            rc = lib.kn_small_a_rows(x.data_ptr(), B.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m1, m2,
-                                     threads, *p.check)
-        elif p.fuses:
-            # both stages in the kernel, tile by tile (x is read once, t never leaves the cache)
-            rc = lib.kn_kron_forward(x.data_ptr(), B.data_ptr(), None, p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2,
-                                     M, threads, *p.check)
-        else:
-            # B-stage by BLAS, t[n, (j1, r), i2] = Σ_j2 x[n, j1, j2] B_r[i2, j2]: one flat matmul with
-            # a transposed view of B
-            t = torch.mm(x.view(N * n1, n2), B.detach().view(r * m2, n2).T)
-            if p.layout == "small_a":  # then the A-stage and the bias in one streaming pass
-                rc = lib.kn_small_a_stage(t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1 * r, m1, m2, threads,
-                                          *p.check)
-            else:  # then the A-stage, the interleave and the bias
-                rc = lib.kn_kron_forward(None, None, t.data_ptr(), p.a_ptr, b, y.data_ptr(), N, n1, n2, r, m2, M,
-                                         threads, *p.check)
-        if rc != _STALE:
-            break
-        p = _new_plan(A, B, lib)
-    if rc:
-        why = "A changed during the call (written by another thread?)" if rc == _STALE else "out of memory?"
-        raise RuntimeError(f"the native Kronecker kernel failed for x {tuple(shape)}, A {tuple(A.shape)}, "
-                           f"B {tuple(B.shape)} ({why})")
-    return y
-
-
-# The kernel, kept in this file (not a .c beside it) so that it travels with the modeling code
-# that ``save_pretrained`` copies for ``trust_remote_code``.
-KERNEL_SOURCE = r"""/*
+/*
  * The A-stage of a Kronecker product with a small B, with the output interleave fused.
  *
  *   y[n, o] = bias[o] + sum_k Ad[k, o] * t[n, k, o % m2]      o < M = m1*m2, k < K
@@ -317,7 +12,8 @@ KERNEL_SOURCE = r"""/*
  * lanes, and the result lands in its final place: no transpose, no wasted products, the bias
  * added for free.
  *
- * Plain C with AVX-512F intrinsics (no torch headers), built on first use by this module and
+ * Plain C with AVX-512F intrinsics (no torch headers), compiled only when asked for
+ * (``optimize_for_inference`` or ``kn-transformers build-kernels``, see kernels/__init__.py) and
  * called through ctypes; rows are split over OpenMP threads of the runtime torch loaded.
  */
 #include <immintrin.h>
@@ -327,23 +23,6 @@ KERNEL_SOURCE = r"""/*
 #include <string.h>
 
 #define KN_INLINE static inline __attribute__((always_inline))
-
-/* Whether ``n`` bytes at ``a`` (the factor A now) differ from ``saved`` (the copy its packed form
- * was made from), compared by up to ``threads`` threads: each entry point below starts with this
- * and returns 1 (nothing computed) when they differ, as a write through ``A.data`` leaves no
- * other trace. */
-static int stale(const void *a, const void *saved, long n, int threads) {
-    int diff = 0;
-    if (!a || !saved || n <= 0) return 0;
-    if (threads < 2 || n < 65536) return memcmp(a, saved, (size_t)n) != 0;
-#pragma omp parallel num_threads(threads) reduction(| : diff)
-    {
-        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-        const long lo = n * tid / nth, hi = n * (tid + 1) / nth;
-        diff |= memcmp((const char *)a + lo, (const char *)saved + lo, (size_t)(hi - lo)) != 0;
-    }
-    return diff;
-}
 
 int kn_cpu_has_avx512(void) {
     __builtin_cpu_init();
@@ -607,12 +286,11 @@ KN_INLINE void dots(const float *x, const float *b, float *t, const int n2, cons
  * gets. Here each thread takes blocks of 16 rows of B, computes their dot products with every
  * row of x (B and x both read along their rows, no copy or packing), and turns them straight
  * into 16 output columns of every token with the A-stage and the bias. Needs n2 and m2
- * multiples of 16; rank at most 16. Returns 0, 1 if A changed (see stale), or -1 for unsupported shapes or
+ * multiples of 16; rank at most 16. Returns 0, or -1 for unsupported shapes or
  * out of memory. */
 int kn_small_a_rows(const float *x, const float *B, const float *acat, const float *bias, float *y, long N, int n1,
-                    int n2, int r, int m1, int m2, int threads, const void *a, const void *saved, long a_bytes) {
+                    int n2, int r, int m1, int m2, int threads) {
     if (N < 0 || n1 < 1 || n2 < 16 || n2 % 16 || m2 < 16 || m2 % 16 || r < 1 || r > 16 || m1 < 1) return -1;
-    if (stale(a, saved, a_bytes, threads)) return 1;
     if (N == 0) return 0;
     const long cols = N * n1;  /* rows (n, j1) of x */
     const int K = n1 * r, M = m1 * m2, blocks = m2 / 16, ts = 16 * r;
@@ -656,12 +334,10 @@ int kn_small_a_rows(const float *x, const float *B, const float *acat, const flo
 /* The A-stage for a small A and a wide B (e.g. A 8x2 (x) B 384x384, KroneckerBERT8's FFN):
  * y[n, i1*m2 + c] = bias[i1*m2 + c] + sum_k acat[i1, k] t[n, k, c] with t (N, K, m2) the B-stage
  * output and acat (m1, K). One streaming pass writes y with the bias in it, instead of a batched
- * matmul of N tiny products and then a bias pass over the (large) output. Any m2 >= 1. Returns 0, 1 if A
- * changed (see stale), or -1 for bad arguments. */
+ * matmul of N tiny products and then a bias pass over the (large) output. Any m2 >= 1. Returns 0, or -1 for bad arguments. */
 int kn_small_a_stage(const float *t, const float *acat, const float *bias, float *y, long N, int K, int m1, int m2,
-                     int threads, const void *a, const void *saved, long a_bytes) {
+                     int threads) {
     if (N < 0 || K < 1 || m1 < 1 || m2 < 1) return -1;
-    if (stale(a, saved, a_bytes, threads)) return 1;
     if (threads < 1) threads = 1;
     if (N < threads) threads = N > 0 ? (int)N : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -695,15 +371,13 @@ int kn_fuses_b_stage(int n1, int n2, int r, int m2) {
  * With x given (shapes where kn_fuses_b_stage: n1, n2 multiples of 16 and r*m2 in {1, 2, 4, 8, 16}, or
  * B 2x2 of rank 1 with n1 a multiple of 8), the B-stage runs here from x and B
  * (r, m2, n2), tile by tile; with x NULL, t (N, n1*r, m2) is the B-stage output computed by the
- * caller. Needs M % 16 == 0 and m2 in {1, 2, 4, 8, 16}; returns 0 on success, 1 if A changed (see stale),
+ * caller. Needs M % 16 == 0 and m2 in {1, 2, 4, 8, 16}; returns 0 on success,
  * -1 otherwise. */
 int kn_kron_forward(const float *x, const float *B, const float *t, const float *adp, const float *bias, float *y,
-                    long N, int n1, int n2, int r, int m2, int M, int threads, const void *a, const void *saved,
-                    long a_bytes) {
+                    long N, int n1, int n2, int r, int m2, int M, int threads) {
     if (M % 16 || N < 0) return -1;
     if (x && !kn_fuses_b_stage(n1, n2, r, m2)) return -1;
     if (!x && !t) return -1;
-    if (stale(a, saved, a_bytes, threads)) return 1;
     switch (m2) {
         case 1: return run(x, B, t, adp, bias, y, N, n1, n2, r, 1, M, threads);
         case 2: return run(x, B, t, adp, bias, y, N, n1, n2, r, 2, M, threads);
@@ -713,4 +387,3 @@ int kn_kron_forward(const float *x, const float *B, const float *t, const float 
         default: return -1;
     }
 }
-"""
