@@ -10,7 +10,8 @@ land on whichever model ran at a bad moment.
     python benchmarks/bench_models.py [--threads 2] [--repeats 5] [--rounds 3] [--json results.json]
         [--only gpt2|bert] [--malloc_large_blocks]
 
-GPT-2 family: prefill = one forward of batch 8 x 128 tokens; generation = greedy, batch 1,
+Kronecker models run after ``optimize_for_inference``; the ``-default`` rows are the same models on
+the default plain-PyTorch path. GPT-2 family: prefill = one forward of batch 8 x 128 tokens; generation = greedy, batch 1,
 a 16-token prompt, 64 new tokens with the KV cache. BERT family: one forward of 32 x 128;
 ``bert-base-kn-layers`` is the dense BERT-base computed by this library's layer code
 (``KroneckerBertModel`` without factors: FFN in token blocks, in-place GELU), which separates what
@@ -32,10 +33,15 @@ import time
 from _tee import Tee  # benchmarks/_tee.py (the script folder is on sys.path)
 
 
+# A Kronecker model runs after ``optimize_for_inference`` (timed strategies, native kernel); its
+# ``-default`` twin runs the default plain-PyTorch path, so each table shows what the kernel buys.
+DEFAULT = "-default"
 MODELS = {
-    "gpt2": ["gpt2-small", "kngpt2-paper", "kngpt2-distil-size-dense-head", "kngpt2-distil-size-tied-head",
-             "gpt2-6-layer"],
-    "bert": ["bert-base", "bert-base-kn-layers", "kroneckerbert8", "kroneckerbert21"],
+    "gpt2": ["gpt2-small", "kngpt2-paper", "kngpt2-paper" + DEFAULT, "kngpt2-distil-size-dense-head",
+             "kngpt2-distil-size-dense-head" + DEFAULT, "kngpt2-distil-size-tied-head",
+             "kngpt2-distil-size-tied-head" + DEFAULT, "gpt2-6-layer"],
+    "bert": ["bert-base", "bert-base-kn-layers", "kroneckerbert8", "kroneckerbert8" + DEFAULT, "kroneckerbert21",
+             "kroneckerbert21" + DEFAULT],
 }
 # With glibc's defaults a block over 32 MB is always a fresh mmap, so every 50 MB FFN activation
 # of BERT-base at 32 x 128 tokens is page-faulted in again (~10 ms each here). These settings keep
@@ -121,8 +127,19 @@ def build(name: str):
     raise ValueError(name)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
 def _median_time(fn, repeats):
-    fn()  # warm-up (also lets KroneckerLinear time its contraction orders)
+    fn()  # warm-up (also lets optimised layers time their contraction strategies)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -137,8 +154,12 @@ def measure(name: str, threads: int, repeats: int) -> dict:
 
     from kn_transformers.conversion import count_parameters
 
+    from kn_transformers import KroneckerLinear, optimize_for_inference
+
     torch.set_num_threads(threads)
-    model = build(name).eval()
+    model = build(name.removesuffix(DEFAULT)).eval()
+    if not name.endswith(DEFAULT) and any(isinstance(m, KroneckerLinear) for m in model.modules()):
+        optimize_for_inference(model)
     n_params = count_parameters(model)
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
@@ -202,7 +223,7 @@ def main():
             rows.append(row)
     malloc = ("glibc malloc keeping large blocks (" + " ".join(f"{k}={v}" for k, v in MALLOC_LARGE_BLOCKS.items())
               + ")" if args.malloc_large_blocks else "glibc malloc defaults")
-    print(f"CPU, {args.threads} threads, fp32, random weights, {malloc}; each time is the median over {args.rounds} "
+    print(f"{_cpu_name()}, {args.threads} threads, fp32, random weights, {malloc}; each time is the median over {args.rounds} "
           f"rounds (fresh processes, models in alternation) of the median of {args.repeats} runs; "
           "speed-up = baseline time / model time.\n")
     for family, base, cols in (("gpt2", "gpt2-small", ("prefill_s", "generate_s")), ("bert", "bert-base", ("forward_s",))):
