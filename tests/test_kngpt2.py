@@ -638,3 +638,15 @@ def test_tokenizer_larger_than_vocabulary_is_rejected(shared_data):
                                          r"resize_token_embeddings\(50257\)") as exc:
         kngpt2_from_gpt2(tiny_teacher(seed=13), preset="paper", tokenizer=tokenizer)
     _one_line(exc)
+
+
+def test_out_of_vocabulary_ids_are_refused_as_gpt2_does():
+    teacher = tiny_teacher(seed=3)
+    student = kngpt2_from_gpt2(teacher, preset="paper", progress=False).eval()
+    assert isinstance(student.transformer.wte, KroneckerEmbedding)
+    for bad in (-1, VOCAB, VOCAB + 5):
+        ids = torch.tensor([[1, 2, bad]])
+        with pytest.raises(IndexError):
+            teacher(ids)
+        with pytest.raises(IndexError, match="outside"):
+            student(ids)

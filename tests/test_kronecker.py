@@ -288,3 +288,42 @@ def test_factor_choices_are_valid_and_the_pick_is_deterministic():
         choose_kronecker_factors(2, 1, target_fraction=0.5)
     with pytest.raises(ValueError, match=r"\(0, 1\)"):
         choose_kronecker_factors(4, 4, target_fraction=1.5)
+
+
+def test_default_path_under_autocast_func_and_compile():
+    """The default forward is plain PyTorch: bf16 autocast (what CPU supports), forward-mode and
+    functional transforms, and torch.compile with fullgraph all go through it."""
+    torch.manual_seed(0)
+    k = KroneckerLinear(96, 64, (8, 8))
+    x = torch.randn(2, 5, 96)
+    ref = k.to_dense()(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = k(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+    params = dict(k.named_parameters())
+    v = torch.randn_like(x)
+    with torch.no_grad():  # forward-mode derivatives need no autograd graph
+        _, tangent = torch.func.jvp(lambda t: torch.func.functional_call(k, params, (t,)), (x,), (v,))
+    torch.testing.assert_close(tangent, v @ k.weight.T, rtol=1e-5, atol=1e-5 * tangent.abs().max().item())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(k, p, (x,)).square().sum())(params)
+    assert grads["A"].shape == k.A.shape and torch.isfinite(grads["A"]).all()
+    compiled = torch.compile(k, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), k(x), rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_embedding_refuses_ids_outside_the_vocabulary():
+    """101 rows as A 10x8: the table has 110 rows, and ids 101-109 (or -1, aliasing 109) would
+    silently return padding rows; nn.Embedding raises, and so must this."""
+    e = KroneckerEmbedding(101, 64, a_shape=(10, 8))
+    assert e.num_rows == 110
+    e(torch.tensor([0, 100]))
+    for bad in (-1, 101, 105, 109):
+        with pytest.raises(IndexError, match="outside"):
+            e(torch.tensor([3, bad]))
+    with pytest.raises(TypeError, match="integer"):
+        e(torch.tensor([1.0]))
+    compiled = torch.compile(e, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(torch.tensor([4, 7])), e(torch.tensor([4, 7])))
+    with pytest.raises(RuntimeError, match="must be in"):
+        compiled(torch.tensor([4, 109]))
