@@ -7,11 +7,18 @@
     kn-transformers evaluate perplexity ...    # = training/evaluate_perplexity.py
     kn-transformers evaluate glue ...          # = run_glue.py with --do_eval only
     kn-transformers report [MODEL]             # nearest-Kronecker report of every matrix (default: bundled MiniLM)
+    kn-transformers build-kernels              # compile the optional native CPU kernel (optimize_for_inference)
+
+User errors (bad paths, arguments, non-finite losses) print one ``kn-transformers: error: ...``
+line and exit with status 2; ``kn-transformers --debug ...`` or ``KN_TRANSFORMERS_DEBUG=1``
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 
@@ -21,6 +28,32 @@ from tqdm.auto import tqdm
 
 from .conversion import CompressionReport, ModuleReport, count_parameters, decompose_module
 from .factor_search import choose_kronecker_factors
+from .loading import check_model_name_or_path
+
+#: what ``main`` reports as one line instead of a traceback (FileNotFoundError is an OSError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a finite number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise argparse.ArgumentTypeError(f"must be a number strictly between 0 and 1, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def decomposition_report(model: nn.Module, fraction: float, rank: int = 1) -> CompressionReport:
@@ -28,8 +61,12 @@ def decomposition_report(model: nn.Module, fraction: float, rank: int = 1) -> Co
 
     Each weight gets the split that :func:`choose_kronecker_factors` picks for ``fraction`` of
     its parameters; matrices too small for any split are reported as kept dense. The model
-    itself is not modified.
+    itself is not modified. ``ValueError`` for a ``fraction`` outside (0, 1) or a ``rank`` below 1.
     """
+    if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0 < fraction < 1):
+        raise ValueError(f"fraction must be a finite number strictly between 0 and 1, got {fraction!r}")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
     targets = [
         (name, mod)
         for name, mod in model.named_modules()
@@ -78,6 +115,7 @@ def _cmd_compress(args) -> int:
     from .model_card import create_model_card
     from .recipes.students import convert_to_student, load_model, model_family
 
+    args.teacher = check_model_name_or_path(args.teacher, "teacher")
     family = model_family(args.teacher)
     head = args.head
     if head is None:
@@ -111,7 +149,7 @@ def _cmd_report(args) -> int:
         from .demo import bundled_teacher_path
 
         args.model = bundled_teacher_path()
-    model = AutoModel.from_pretrained(args.model)
+    model = AutoModel.from_pretrained(check_model_name_or_path(args.model))
     report = decomposition_report(model, args.fraction, args.rank)
     print(f"\n{type(model).__name__} from {args.model}: every matrix at ≤{args.fraction:.0%} of its parameters, "
           f"rank {args.rank} (nearest Kronecker product, no training)\n")
@@ -130,8 +168,37 @@ def _cmd_report(args) -> int:
 _RECIPES = {"distill": "distill_lm", "glue": "run_glue", "perplexity": "evaluate_perplexity"}
 
 
+def _cmd_build_kernels(args) -> int:
+    from .kernels import KernelUnavailable, build_kernels, load_kernels
+
+    try:
+        path = build_kernels(force=args.force)
+        load_kernels()
+    except KernelUnavailable as e:
+        print(f"kn-transformers: error: the native kernel cannot be built here: {e}; "
+              "optimize_for_inference will use plain PyTorch", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def main(argv=None) -> int:
+    """Run the command; a user error prints ``kn-transformers: error: <message>`` and returns 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("KN_TRANSFORMERS_DEBUG", "").lower() in ("1", "true", "yes")
+    if argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
+    try:
+        return _main(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"kn-transformers: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list) -> int:
     # recipes parse their own arguments (HfArgumentParser): hand them everything that follows
     if argv and argv[0] in ("distill", "glue"):
         return _run_recipe(_RECIPES[argv[0]], argv[1:])
@@ -140,6 +207,8 @@ def main(argv=None) -> int:
             return _run_recipe("evaluate_perplexity", argv[2:])
         return _run_recipe("run_glue", ["--do_eval", *argv[2:]])
     parser = argparse.ArgumentParser(prog="kn-transformers", description="Kronecker compression for Transformers.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks instead of one-line errors (also: KN_TRANSFORMERS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="offline: fine-tune the bundled MiniLM on SST-2, compress, distil, compare")
@@ -154,7 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("teacher", help="GPT-2 or BERT name or path")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--preset", default=None, help="paper (GPT-2) | kroneckerbert8 | kroneckerbert21 (BERT)")
-    p.add_argument("--target_fraction", type=float, default=None)
+    p.add_argument("--target_fraction", type=_fraction, default=None)
     p.add_argument("--head", default=None,
                    help="causal-lm | sequence-classification | masked-lm | base; default: the teacher's")
     p.set_defaults(func=_cmd_compress)
@@ -167,10 +236,14 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("report", help="nearest-Kronecker report of every matrix of a checkpoint (default: MiniLM)")
     p.add_argument("model", nargs="?", default=None, help="name or path; default: the bundled MiniLM teacher")
-    p.add_argument("--fraction", type=float, default=0.25, help="target parameter fraction per matrix")
-    p.add_argument("--rank", type=int, default=1, help="Kronecker terms per matrix")
+    p.add_argument("--fraction", type=_fraction, default=0.25, help="target parameter fraction per matrix, in (0, 1)")
+    p.add_argument("--rank", type=_positive_int, default=1, help="Kronecker terms per matrix")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("build-kernels", help="compile the optional native CPU kernel used by optimize_for_inference")
+    p.add_argument("--force", action="store_true", help="rebuild even if a matching binary is cached")
+    p.set_defaults(func=_cmd_build_kernels)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -18,7 +18,7 @@ __all__ = ["KnGPT2Config", "KNGPT2_LAYER_MODULES"]
 #: The per-layer matrices that may be Kronecker, relative to a block ``h.<i>``.
 KNGPT2_LAYER_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
-_LAYER_KEY = re.compile(r"^h\.(\d+)\.(.+)$")
+_LAYER_KEY = re.compile(r"^h\.(0|[1-9][0-9]*)\.(.+)$")
 
 
 class KnGPT2Config(GPT2Config):

@@ -18,7 +18,7 @@ LAYER_MODULES = (
     "output.dense",
 )
 WORD_EMBEDDINGS = "embeddings.word_embeddings"
-_LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_LAYER_KEY = re.compile(r"^encoder\.layer\.(0|[1-9][0-9]*)\.(.+)$")
 
 
 def _matrix_shape(config, name):

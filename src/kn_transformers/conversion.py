@@ -7,8 +7,10 @@ presets build on :func:`decompose_module` and :class:`CompressionReport`.
 from __future__ import annotations
 
 import json
+import numbers
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -124,3 +126,29 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def count_parameters(model: nn.Module) -> int:
     """Parameters counted once each (tied weights are shared tensors)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def check_layer_indices(
+    layers: Union[int, Iterable[int]], num_layers: int, count_name: str = "num_hidden_layers"
+) -> list[int]:
+    """``layers`` (an int or an iterable of ints, 0-based) as a sorted list without repeats.
+
+    ``ValueError`` (one line) for anything but integers in ``0..num_layers-1``: strings, floats
+    and bools (``True`` would silently mean layer 1) are refused rather than cast.
+    """
+    if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
+        layers = [layers]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ValueError(f"layers must be a list of layer indices (ints in 0..{num_layers - 1}), got {layers!r}")
+    layers = list(layers)
+    for i in layers:
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+            raise ValueError(
+                f"layers: {i!r} ({type(i).__name__}) is not a layer index; pass ints in 0..{num_layers - 1}"
+            )
+    bad = sorted({int(i) for i in layers if not 0 <= i < num_layers})
+    if bad:
+        raise ValueError(
+            f"layers {bad} are out of range for a teacher with {count_name}={num_layers} (valid: 0..{num_layers - 1})"
+        )
+    return sorted({int(i) for i in layers})

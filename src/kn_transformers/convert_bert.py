@@ -28,9 +28,10 @@ from transformers import (
 )
 
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
-from .conversion import CompressionReport, count_parameters, decompose_module, replace_module
+from .conversion import CompressionReport, check_layer_indices, count_parameters, decompose_module, replace_module
 from .factor_search import choose_kronecker_factors
 from .kronecker import KroneckerEmbedding
+from .loading import check_model_name_or_path
 from .modeling_kronecker_bert import (
     KroneckerBertForMaskedLM,
     KroneckerBertForQuestionAnswering,
@@ -202,7 +203,8 @@ def kronecker_bert_config(
     overrides = dict(overrides)
     preset_overrides = {k: overrides.pop(k) for k in _PRESET_FIELDS if k in overrides}
     layers = overrides.pop("layers", None)
-    layers = list(range(bert_config.num_hidden_layers)) if layers is None else sorted(set(int(i) for i in layers))
+    n_layers = bert_config.num_hidden_layers
+    layers = list(range(n_layers)) if layers is None else check_layer_indices(layers, n_layers, "num_hidden_layers")
     extra = overrides.pop("kronecker_factors", None) or {}
     bad = sorted(k for k in overrides if k in _ARCHITECTURE_FIELDS or not _is_config_field(k))
     if bad:
@@ -268,6 +270,7 @@ _TEACHER_ARCHITECTURES = {cls.__name__: cls for cls, _ in HEADS.values()}
 
 def _load_teacher(teacher) -> PreTrainedModel:
     if isinstance(teacher, (str, os.PathLike)):
+        teacher = check_model_name_or_path(teacher, "teacher")
         config = AutoConfig.from_pretrained(teacher)
         if config.model_type != "bert":
             raise ValueError(_not_bert_message(config.model_type, f"{str(teacher)!r}"))

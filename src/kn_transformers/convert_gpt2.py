@@ -29,8 +29,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, PretrainedConfi
 from transformers.utils import logging
 
 from .configuration_kngpt2 import KNGPT2_LAYER_MODULES, KnGPT2Config
-from .conversion import CompressionReport, ModuleReport, count_parameters, decompose_module
+from .conversion import CompressionReport, ModuleReport, check_layer_indices, count_parameters, decompose_module
 from .factor_search import choose_kronecker_factors
+from .loading import check_model_name_or_path
 from .modeling_kngpt2 import KnGPT2LMHeadModel
 
 logger = logging.get_logger(__name__)
@@ -123,10 +124,7 @@ def kngpt2_config_from_gpt2(
         layers = overrides.get("layers")
         if layers is None:
             layers = range(1, config.n_layer, 2) if preset == "paper" else range(config.n_layer)
-        layers = sorted(set(int(i) for i in layers))
-        bad = [i for i in layers if not 0 <= i < config.n_layer]
-        if bad:
-            raise ValueError(f"layers {bad} are out of range for a teacher with n_layer={config.n_layer}")
+        layers = check_layer_indices(layers, config.n_layer, "n_layer")
         modules = tuple(overrides.get("modules") or KNGPT2_LAYER_MODULES)
         bad = [m for m in modules if m not in KNGPT2_LAYER_MODULES]
         if bad:
@@ -157,7 +155,7 @@ def _load_teacher(teacher: Union[str, nn.Module]) -> GPT2LMHeadModel:
     if isinstance(teacher, (str, bytes)) or hasattr(teacher, "__fspath__"):
         from transformers import AutoConfig
 
-        source = str(teacher)
+        source = check_model_name_or_path(teacher, "teacher")
         config = AutoConfig.from_pretrained(source)
         _check_gpt2_config(config, repr(source))
         return GPT2LMHeadModel.from_pretrained(source)

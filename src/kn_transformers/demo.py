@@ -33,6 +33,7 @@ from .conversion import count_parameters
 from .distillation import DistillationArguments, ILKDTrainer
 from .glue import compute_metrics_for
 from .inference import optimize_for_inference
+from .loading import check_model_name_or_path
 
 logger = logging.get_logger(__name__)
 
@@ -150,7 +151,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     """Run the whole demo; returns the results (also written to ``cfg.output_dir``)."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     t_start = time.perf_counter()
-    teacher_path = cfg.teacher or bundled_teacher_path()
+    teacher_path = check_model_name_or_path(cfg.teacher, "teacher") if cfg.teacher else bundled_teacher_path()
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     ds = sst2_sample(cfg.train_rows, cfg.eval_rows)
     ds = ds.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=cfg.max_length), batched=True,

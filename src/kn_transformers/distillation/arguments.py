@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -70,10 +72,11 @@ class DistillationArguments(TrainingArguments):
         if self.attention_loss not in ("kl", "mse_scores"):
             raise ValueError(f"attention_loss must be 'kl' or 'mse_scores', got {self.attention_loss!r}")
         for term in LOSS_TERMS:
-            if getattr(self, f"{term}_weight") < 0:
-                raise ValueError(f"{term}_weight must be >= 0, got {getattr(self, f'{term}_weight')}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            value = getattr(self, f"{term}_weight")
+            if not (_is_finite_number(value) and value >= 0):
+                raise ValueError(f"{term}_weight must be a finite number >= 0, got {value!r}")
+        if not (_is_finite_number(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         parse_layer_map(self.layer_map, 1, 1, check=False)
 
     @property
@@ -81,17 +84,29 @@ class DistillationArguments(TrainingArguments):
         return {term: getattr(self, f"{term}_weight") for term in LOSS_TERMS}
 
 
+def _is_finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def parse_layer_map(spec, n_student: int, n_teacher: int, check: bool = True) -> list[tuple[int, int]]:
     """Pairs ``(student_layer, teacher_layer)``, 1-based (layer 0 is the embedding output).
 
     ``"one_to_one"`` needs equal depths; ``"uniform"`` maps student layer ``i`` to teacher
-    layer ``i * n_teacher // n_student`` (TinyBERT); a list (or its JSON) is taken as given.
+    layer ``i * n_teacher // n_student`` (TinyBERT); a non-empty list of ``[student, teacher]``
+    pairs of ints ``>= 1`` (or its JSON) is taken as given. With ``check``, indices must also be
+    within the depths; a malformed map is a ``ValueError`` either way.
     """
+    expected = ("layer_map must be 'one_to_one', 'uniform' or a non-empty JSON list of [student_layer, "
+                "teacher_layer] pairs of 1-based layer indices, e.g. [[1, 2], [2, 4]]")
     if isinstance(spec, str) and spec not in ("one_to_one", "uniform"):
         try:
             spec = json.loads(spec)
         except json.JSONDecodeError:
-            raise ValueError(f"layer_map must be 'one_to_one', 'uniform' or a JSON list of pairs, got {spec!r}") from None
+            raise ValueError(f"{expected}; got {spec!r}") from None
     if spec == "one_to_one":
         if check and n_student != n_teacher:
             raise ValueError(
@@ -106,10 +121,10 @@ def parse_layer_map(spec, n_student: int, n_teacher: int, check: bool = True) ->
                 f"({n_student}); give an explicit list instead"
             )
         return [(i, i * n_teacher // max(n_student, 1)) for i in range(1, n_student + 1)]
-    try:
-        pairs = [(int(s), int(t)) for s, t in spec]
-    except (TypeError, ValueError):
-        raise ValueError(f"layer_map list must hold [student_layer, teacher_layer] pairs, got {spec!r}") from None
+    if not (isinstance(spec, (list, tuple)) and spec and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_is_index, p)) for p in spec)):
+        raise ValueError(f"{expected}; got {spec!r}")
+    pairs = [(s, t) for s, t in spec]
     if check:
         for s, t in pairs:
             if not (1 <= s <= n_student and 1 <= t <= n_teacher):

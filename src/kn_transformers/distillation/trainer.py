@@ -15,6 +15,7 @@ and evaluation (``loss_hidden``, ``eval_loss_hidden``, ...).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections import defaultdict
@@ -263,15 +264,39 @@ class ILKDTrainer(Trainer):
 
         if not terms:
             raise ValueError("every distillation term has weight 0 (or no labels were given for the labels term)")
-        loss = sum(w[name] * value for name, value in terms.items())
         mode = "train" if model.training else "eval"
-        for name, value in terms.items():
-            self._metrics[mode][f"loss_{name}"].append(value.detach().float().item())
+        device = next(iter(terms.values())).device
+        stacked = torch.stack([v.detach().float().to(device) for v in terms.values()])
+        values = dict(zip(terms, stacked.tolist()))  # one device sync for the check and the logs
+        if not all(map(math.isfinite, values.values())):
+            self._check_finite(terms, values, inputs, mode)
+        loss = sum(w[name] * value for name, value in terms.items())
+        for name, value in values.items():
+            self._metrics[mode][f"loss_{name}"].append(value)
         if return_outputs:
             # only what predictions need: hidden states and attentions would balloon eval memory
             keep = ("logits",) if "logits" in s_out else ("start_logits", "end_logits")
             return loss, {k: s_out[k] for k in keep if k in s_out}
         return loss
+
+    def _check_finite(self, terms: dict, values: dict, inputs: dict, mode: str) -> None:
+        """Drop a NaN ``labels`` term of a batch without a single label (e.g. an MLM batch with
+        nothing masked: zero gradients); any other non-finite term stops with ``FloatingPointError``."""
+        bad = [name for name, v in values.items() if not math.isfinite(v)]
+        labels = inputs.get("labels")
+        if bad == ["labels"] and labels is not None:
+            counted = labels[..., 1:] if self.causal else labels  # causal LMs shift the labels
+            if not (counted != -100).any():
+                terms["labels"] = terms["labels"].nan_to_num(0.0)  # zero, and not logged
+                del values["labels"]
+                return
+        first = bad[0]
+        others = f" (also non-finite: {', '.join(map(repr, bad[1:]))})" if len(bad) > 1 else ""
+        where = f"at step {self.state.global_step + 1}" if mode == "train" else "during evaluation"
+        raise FloatingPointError(
+            f"ILKD loss term {first!r} is {values[first]} {where}{others}; the student or the teacher produced "
+            "non-finite values: check the teacher's weights, lower the learning rate, or use fp32/bf16 instead of fp16"
+        )
 
     def _logits_term(self, s_out, t_out, token_mask) -> torch.Tensor:
         T = self.args.temperature

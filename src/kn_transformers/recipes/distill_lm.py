@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling, default
 from transformers.utils import logging
 
 from ..distillation import DistillationArguments, ILKDTrainer
+from ..loading import check_model_name_or_path
 from ..model_card import create_model_card
 from ..perplexity import sliding_window_perplexity
 from . import common
@@ -100,7 +101,9 @@ def main(argv=None) -> dict:
     push, training_args.push_to_hub = training_args.push_to_hub, False
 
     family = model_family(model_args.teacher_model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.teacher_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        check_model_name_or_path(model_args.tokenizer_name or model_args.teacher_model_name_or_path,
+                                 "tokenizer" if model_args.tokenizer_name else "teacher"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if family == "gpt2":

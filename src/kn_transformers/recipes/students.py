@@ -6,6 +6,8 @@ from typing import Optional
 
 from transformers import AutoConfig, PreTrainedModel
 
+from ..loading import check_model_name_or_path
+
 GPT2_TYPES = ("gpt2", "kngpt2")
 BERT_TYPES = ("bert", "kronecker-bert")
 PRESETS = {"gpt2": ("paper",), "bert": ("kroneckerbert8", "kroneckerbert21")}
@@ -13,6 +15,7 @@ PRESETS = {"gpt2": ("paper",), "bert": ("kroneckerbert8", "kroneckerbert21")}
 
 def model_family(name_or_path: str) -> str:
     """``"gpt2"`` or ``"bert"`` from a checkpoint's config (dense or Kronecker)."""
+    name_or_path = check_model_name_or_path(name_or_path)
     model_type = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True).model_type
     if model_type in GPT2_TYPES:
         return "gpt2"
@@ -30,7 +33,7 @@ def load_model(name_or_path: str, head: str, **config_overrides) -> PreTrainedMo
 
     auto = {"sequence-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM,
             "masked-lm": AutoModelForMaskedLM, "base": AutoModel}[head]
-    return auto.from_pretrained(name_or_path, **config_overrides)
+    return auto.from_pretrained(check_model_name_or_path(name_or_path), **config_overrides)
 
 
 def convert_to_student(
