@@ -26,7 +26,7 @@ import copy
 
 from kn_transformers import KroneckerEmbedding, KroneckerLinear, contraction_order, kronecker_flops, optimize_for_inference
 
-from _tee import Tee  # benchmarks/_tee.py (the script folder is on sys.path)
+from _tee import Tee, cpu_name  # benchmarks/_tee.py (the script folder is on sys.path)
 
 # (in_features, out_features, A shape (m1, n1), where the split comes from)
 LINEAR_CASES = [
@@ -46,19 +46,6 @@ EMBEDDING_CASES = [
     (50257, 768, (50257, 384), "KnGPT2 (B 1x2)"),
 ]
 TOKENS = [1, 8, 128, 1024]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "CPU"
 
 
 def _time(stmt, glob, min_run_time):
@@ -133,7 +120,7 @@ def main():
     if args.markdown:
         sys.stdout = Tee(sys.stdout, open(args.markdown, "w"))
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, float32, {_cpu_name()}. "
+    print(f"torch {torch.__version__}, {args.threads} threads, float32, {cpu_name()}. "
           "Speed-up = dense time / Kronecker time.\n")
     rows = []
     print("| in→out | A (m1×n1) | B (m2×n2) | FLOP ratio | tokens | fwd speed-up, optimised | fwd speed-up, default "

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from _tee import Tee  # benchmarks/_tee.py (the script folder is on sys.path)
+from _tee import Tee, cpu_name  # benchmarks/_tee.py (the script folder is on sys.path)
 
 
 # A Kronecker model runs after ``optimize_for_inference`` (timed strategies, native kernel); its
@@ -127,17 +127,6 @@ def build(name: str):
     raise ValueError(name)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU"
-
-
 def _median_time(fn, repeats):
     fn()  # warm-up (also lets optimised layers time their contraction strategies)
     times = []
@@ -223,7 +212,7 @@ def main():
             rows.append(row)
     malloc = ("glibc malloc keeping large blocks (" + " ".join(f"{k}={v}" for k, v in MALLOC_LARGE_BLOCKS.items())
               + ")" if args.malloc_large_blocks else "glibc malloc defaults")
-    print(f"{_cpu_name()}, {args.threads} threads, fp32, random weights, {malloc}; each time is the median over {args.rounds} "
+    print(f"{cpu_name()}, {args.threads} threads, fp32, random weights, {malloc}; each time is the median over {args.rounds} "
           f"rounds (fresh processes, models in alternation) of the median of {args.repeats} runs; "
           "speed-up = baseline time / model time.\n")
     for family, base, cols in (("gpt2", "gpt2-small", ("prefill_s", "generate_s")), ("bert", "bert-base", ("forward_s",))):

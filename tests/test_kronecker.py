@@ -4,6 +4,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from kn_transformers import (
+    KRONECKER_ORDERS,
     KroneckerEmbedding,
     KroneckerLinear,
     choose_kronecker_factors,
@@ -84,11 +85,13 @@ SHAPES = [  # (in, out, a_shape, rank)
     (30, 8, (2, 5), 3),
     (16, 16, (1, 4), 1),
     (64, 48, (8, 16), 2),
+    (12, 24, (6, 12), 2),  # B with one column: a_first_t
 ]
 
 
 @pytest.mark.parametrize(
-    "order", ["b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew", "auto"]
+    "order", ["b_first", "a_first", "b_first_t", "a_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew",
+              "auto"]
 )
 @pytest.mark.parametrize("n_in,n_out,a_shape,rank", SHAPES)
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (1, 1, 4)])
@@ -121,7 +124,7 @@ def test_both_orders_agree_on_a_large_batch():
     A, B = random_factors(2, (6, 2), (64, 48))
     x = torch.randn(3, 7, 96, dtype=F64)
     ref = x @ kronecker_to_dense(A, B).T
-    for order in ("a_first", "b_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew", "auto"):
+    for order in KRONECKER_ORDERS + ("auto",):
         assert (kronecker_matmul(x, A, B, order) - ref).abs().max() < 1e-10
 
 

@@ -28,7 +28,8 @@ def contraction_order(A: torch.Tensor, B: torch.Tensor) -> str:
 
     The order with fewer multiply-adds (:func:`kronecker_flops`; ``b_first`` on a tie), in its
     one-call ``bmm`` form when ``A`` has at most 64 rows (``m1``, times the rank for
-    ``a_first``). A rule on the shapes alone: the same model computes the same way in every
+    ``a_first``); with a one-column ``B`` the A-first order takes ``a_first_t`` (one flat
+    matmul instead of ``N`` matrix-vector products). A rule on the shapes alone: the same model computes the same way in every
     process. It reproduces the winners that timing found across the splits in RESULTS.md
     (``b_first_bmm`` / ``a_first_bmm`` for small ``A``, ``b_first`` for ``A 384×48``).
     """
@@ -37,6 +38,8 @@ def contraction_order(A: torch.Tensor, B: torch.Tensor) -> str:
     fb, fa = kronecker_flops(m1, n1, m2, n2, r)
     if fb <= fa:
         return "b_first_bmm" if m1 <= _BMM_MAX_ROWS else "b_first"
+    if n2 == 1:
+        return "a_first_t"
     return "a_first_bmm" if m1 * r <= _BMM_MAX_ROWS else "a_first"
 
 
@@ -58,6 +61,8 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
             * ``"b_first_t"``: as ``b_first``, but the intermediate is transposed (one small
               copy) so that the product with ``A`` is also one flat matmul, and the output is
               transposed back: can be fast when ``B`` has few rows (e.g. ``B`` 2×16);
+            * ``"a_first_t"``: as ``a_first``, the input transposed so that the product with ``A``
+              is one flat matmul: for a ``B`` with one or a few columns (e.g. ``A 32×768``);
             * ``"b_first_ew"`` / ``"a_first_ew"``: the product with ``A`` as ``n1·rank``
               fused multiply-add passes instead of ``N`` tiny matmuls: for a tiny ``A``.
 
@@ -72,7 +77,8 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
 
 
 # The contraction strategies (see kronecker_matmul); all compute the same product.
-KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew")
+KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "a_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew",
+                    "a_first_ew")
 
 
 def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
@@ -188,6 +194,20 @@ def _order_b_first_t(x3, A, B, bias):
     return yp.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)
 
 
+def _order_a_first_t(x3, A, B, bias):
+    N, n1, n2 = x3.shape
+    r, m1, _ = A.shape
+    m2 = B.shape[1]
+    a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)
+    # the product with A as one flat matmul over the rows (N, j2): for a B with few columns this
+    # replaces N matrix-vector products (a copy of x when n2 > 1, none when n2 = 1)
+    xt = x3.transpose(1, 2).reshape(N * n2, n1)
+    t = (xt @ a_stack.T).view(N, n2, m1 * r).transpose(1, 2)  # (N, m1*r, n2)
+    if n2 > 1:
+        t = t.contiguous()
+    return _add_bias_(_b_last(t, B, N * m1).view(N, m1 * m2), bias)
+
+
 def _order_b_first_ew(x3, A, B, bias):
     N = x3.shape[0]
     r, m1, n1 = A.shape
@@ -227,6 +247,7 @@ _STRATEGY_FNS = {
     "b_first_t": _order_b_first_t,
     "b_first_bmm": _order_b_first_bmm,
     "a_first_bmm": _order_a_first_bmm,
+    "a_first_t": _order_a_first_t,
     "b_first_ew": _order_b_first_ew,
     "a_first_ew": _order_a_first_ew,
 }

@@ -66,6 +66,8 @@ def _candidates(A: torch.Tensor, B: torch.Tensor, native: bool) -> list[str]:
             out.append("a_first_bmm")
         if n1 <= 16:
             out.append("a_first_ew")
+        if n2 <= 16:
+            out.append("a_first_t")
     return out
 
 
