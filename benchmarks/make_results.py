@@ -155,7 +155,9 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
                        f"{s['block_size']} | {s['tokens_seen']:,} | {s['heldout_before']['eval_loss']:.3f} | "
                        f"{s['heldout_after']['eval_loss']:.3f} | {fmt_s(s['seconds'])} |")
         out.append("")
-    out += ["Dev-set scores (official metric) and retention = student / teacher:", "",
+    seeds = b.get("seeds")
+    out += ["Dev-set scores (official metric) and retention = student / teacher"
+            + (f"; mean ± standard deviation over seeds {seeds}" if seeds and len(seeds) > 1 else "") + ":", "",
             "| task | preset | params | " + " | ".join(VARIANT_LABEL[v] for v in d["variants"]) + " |",
             "|---|---|---|" + "---|" * len(d["variants"])]
     for task, e in d.get("tasks", {}).items():
@@ -164,9 +166,12 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
             cells = []
             for v in d["variants"]:
                 r = variants.get(v)
-                cells.append("not run" if r is None else
-                             f"{r['score']:.4f} ({r['retention']:.0%})" if r["retention"] is not None
-                             else f"{r['score']:.4f}")
+                if r is None:
+                    cells.append("not run")
+                    continue
+                sd = f" ± {r['std']:.4f}" if r.get("std") is not None else ""
+                cells.append(f"{r['score']:.4f}{sd} ({r['retention']:.0%})" if r["retention"] is not None
+                             else f"{r['score']:.4f}{sd}")
             out.append(f"| {TASK_LABEL.get(task, task)} | {preset} | {params / 1e6:.2f}M | " + " | ".join(cells) + " |")
     out.append("")
     if chart:
@@ -201,6 +206,18 @@ def ablation_reading(d: Optional[dict]) -> list[str]:
     lines = []
     rows = list(ablation_rows(d))
     by = {(t, p, v): s for t, p, v, s, _ in rows}
+    runs = {(t, p, v): r.get("scores") for t, e in d["tasks"].items() for p, vs in e.get("students", {}).items()
+            for v, r in vs.items()}
+
+    def band_of(t, p, a, b) -> float:
+        """Two standard errors of the difference: across seeds where there are several, else the
+        binomial (dev-set) noise of one run."""
+        sa, sb = runs.get((t, p, a)), runs.get((t, p, b))
+        if sa and sb and len(sa) > 1 and len(sb) > 1:
+            import statistics
+
+            return 2 * (statistics.variance(sa) / len(sa) + statistics.variance(sb) / len(sb)) ** 0.5
+        return band.get(t, 0)
     pairs = sorted({(t, p) for t, p, *_ in rows})
 
     band = {t: noise_band(e["metric"], e["teacher"]["score"], e["dev_rows"]) for t, e in d["tasks"].items()
@@ -221,10 +238,10 @@ def ablation_reading(d: Optional[dict]) -> list[str]:
         cmp = [(t, p, by[(t, p, a)] - by[(t, p, b)]) for t, p in pairs if (t, p, a) in by and (t, p, b) in by]
         if not cmp:
             return
-        up = [c for c in cmp if c[2] > band.get(c[0], 0)]  # clearly better: beyond two standard errors
-        down = [c for c in cmp if c[2] < -band.get(c[0], 0)]  # clearly worse
+        up = [c for c in cmp if c[2] > band_of(c[0], c[1], a, b)]  # clearly better: beyond two standard errors
+        down = [c for c in cmp if c[2] < -band_of(c[0], c[1], a, b)]  # clearly worse
         ahead = [c for c in cmp if c[2] > 0]
-        detail = "; ".join(f"{TASK_LABEL.get(t, t)}/{p} {delta:+.3f} (noise band ±{band.get(t, 0):.3f}"
+        detail = "; ".join(f"{TASK_LABEL.get(t, t)}/{p} {delta:+.3f} (noise band ±{band_of(t, p, a, b):.3f}"
                            + (", both predict one class" if is_const(t, by[(t, p, a)]) and is_const(t, by[(t, p, b)])
                               else "") + ")" for t, p, delta in cmp)
         n = len(cmp)
@@ -282,7 +299,11 @@ def ablation_reading(d: Optional[dict]) -> list[str]:
               and "loss_attention" in r["last_logged_terms"]]
     if ratios:
         w = (d["budgets"].get("stage2_weights") or {}).get("attention_weight", 1.0)
-        if w == 1.0:
+        if d["budgets"].get("stage2_preset", "kroneckerbert") != "kroneckerbert":
+            lines.append(f"- Loss balance ({d['budgets']['stage2_preset']} preset): the attention term is "
+                         f"{min(ratios):.2f}x to {max(ratios):.2f}x the label cross-entropy at the last logged step "
+                         "of the ILKD runs (raw terms, before weights and schedule).")
+        elif w == 1.0:
             lines.append(f"- Loss balance: with the paper's unweighted sum, the attention-score MSE term is "
                          f"{min(ratios):.0f}x to {max(ratios):.0f}x the label cross-entropy at the last logged step "
                          "of the ILKD runs" + (", so within a short stage 2 the gradient mostly serves the "
@@ -291,6 +312,15 @@ def ablation_reading(d: Optional[dict]) -> list[str]:
             lines.append(f"- Loss balance: the attention-score MSE term (weight {w:g} here instead of the paper's 1) "
                          f"is {min(ratios):.0f}x to {max(ratios):.0f}x the label cross-entropy at the last logged "
                          f"step of the ILKD runs, {w * min(ratios):.1f}x to {w * max(ratios):.1f}x after weighting.")
+    below = []
+    for t, e in d["tasks"].items():
+        top = max(constant_scores(t, e) or [0.0])
+        below += [f"{TASK_LABEL.get(t, t)}/{p} {v} {r['score']:.3f}" for p, vs in e.get("students", {}).items()
+                  for v, r in vs.items() if r["score"] <= top]
+    if rows:
+        lines.append("- *Majority-class baseline*: " + (
+            "every student scores above always predicting the majority class." if not below else
+            f"{len(below)} student(s) score at or below always predicting the majority class: {'; '.join(below)}."))
     s1 = d.get("stage1", {})
     for p, s in s1.items():
         b, a = s["heldout_before"]["eval_loss"], s["heldout_after"]["eval_loss"]

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +48,7 @@ from transformers import (  # noqa: E402
     BertModel,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -77,6 +79,10 @@ def parse_args(argv=None):
                    help="task:stage-2 steps, the same for the three variants")
     p.add_argument("--teacher_lr", type=float, default=1e-4)
     p.add_argument("--student_lr", type=float, default=5e-4)
+    p.add_argument("--stage2_preset", default="kroneckerbert",
+                   help="distill_preset of the ILKD variants in stage 2 (kroneckerbert: the paper's loss; balanced: "
+                        "the recommended recipe)")
+    p.add_argument("--stage1_preset", default="kroneckerbert", help="distill_preset of stage 1")
     p.add_argument("--stage2_weights", default="attention=0.1",
                    help="term=weight overrides of the 'kroneckerbert' preset in stage 2 ('' for the paper's unit "
                         "weights). Default attention=0.1: with unit weights the attention-score MSE (~13) drowned "
@@ -89,10 +95,21 @@ def parse_args(argv=None):
     p.add_argument("--stage1_holdout", type=float, default=0.1, help="last fraction of the text blocks held out")
     p.add_argument("--stage1_eval_blocks", type=int, default=32, help="held-out blocks scored (cost cap)")
     p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the data subsets, the teachers and stage 1")
+    p.add_argument("--seeds", default="42",
+                   help="comma-separated seeds of the stage-2 students: each variant is trained once per seed and "
+                        "reported as mean ± standard deviation")
+    p.add_argument("--teacher_eval_every", type=int, default=0,
+                   help="> 0: fine-tune each teacher until its metric on a held-out slice of the training data "
+                        "stops improving (checked every this many steps, --teacher_patience checks), at most "
+                        "--teacher_steps; the best state is kept and the curve recorded")
+    p.add_argument("--teacher_patience", type=int, default=3)
+    p.add_argument("--teacher_val_rows", type=int, default=500,
+                   help="training rows held out (disjoint from the training subset) for the teacher's plateau")
     add_threads_arg(p)
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kroneckerbert_ablation.json"))
     a = p.parse_args(argv)
+    a.seeds = [int(x) for x in str(a.seeds).split(",") if x.strip()]
     a.stage2_weights = {k.strip() + "_weight": float(v) for k, v in
                         (item.split("=") for item in a.stage2_weights.split(",") if item)}
     for name in ("train_rows", "max_length", "batch_size", "teacher_steps", "student_steps"):
@@ -116,16 +133,27 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def glue_split(args, task: str, split: str, tokenizer, rows=None):
-    """A tokenised list of examples (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``)."""
+def glue_split(args, task: str, split: str, tokenizer, rows=None, holdout: int = 0):
+    """Tokenised examples (``input_ids``, ``attention_mask``, ``token_type_ids``, ``labels``): a seeded
+    random subset of ``rows``, and the ``holdout`` rows set aside before it (disjoint; for the
+    teacher's plateau, so that the dev set is never used to choose anything)."""
     t = get_task(task)
     data = read_jsonl(os.path.join(args.data_dir, "glue", task, f"{split}.jsonl"))
-    if rows is not None and rows < len(data):
-        data = random.Random(args.seed).sample(data, rows)
+    if holdout or (rows is not None and rows < len(data)):
+        data = random.Random(args.seed).sample(data, len(data))
+    held, data = data[:holdout], data[holdout:]
+    if rows is not None:
+        data = data[:rows]
     k1, k2 = t.keys
-    enc = tokenizer([d[k1] for d in data], [d[k2] for d in data] if k2 else None, truncation=True,
-                    max_length=args.max_length[task])
-    return [dict({k: enc[k][i] for k in enc}, labels=int(d["label"])) for i, d in enumerate(data)]
+
+    def encode(part):
+        if not part:
+            return []
+        enc = tokenizer([d[k1] for d in part], [d[k2] for d in part] if k2 else None, truncation=True,
+                        max_length=args.max_length[task])
+        return [dict({k: enc[k][i] for k in enc}, labels=int(d["label"])) for i, d in enumerate(part)]
+
+    return (encode(data), encode(held)) if holdout else encode(data)
 
 
 def text_blocks(args, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -148,11 +176,13 @@ def text_blocks(args, tokenizer) -> tuple[list[dict], list[dict]]:
 
 
 def training_args(cls, args, name: str, steps: int, lr: float, batch: int, **extra):
+    extra.setdefault("seed", args.seed)
+    extra.setdefault("data_seed", args.seed)
     return cls(
         output_dir=os.path.join(args.tmp, name), max_steps=steps, learning_rate=lr,
         per_device_train_batch_size=batch, per_device_eval_batch_size=args.eval_batch_size, warmup_steps=0.1,
         weight_decay=0.01, lr_scheduler_type="linear", logging_steps=max(steps // 5, 1), save_strategy="no",
-        eval_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=True,
+        eval_strategy="no", report_to=[], use_cpu=True,
         train_sampling_strategy="group_by_length" if "group" in extra.pop("_sampling", "group") else "random",
         disable_tqdm=True, **extra,
     )
@@ -173,6 +203,33 @@ def evaluate(model, examples, task: str, tokenizer, batch_size: int) -> dict:
             preds[j] = p
     labels = [e["labels"] for e in examples]
     return glue_metrics(task, preds, labels)
+
+
+class Plateau(TrainerCallback):
+    """Scores the model every ``every`` steps, keeps the best state, stops after ``patience``
+    scores without improvement; ``curve`` is [(step, score), ...]."""
+
+    def __init__(self, score, model, every: int, patience: int):
+        self.score, self.model, self.every, self.patience = score, model, every, patience
+        self.curve, self.best, self.best_step, self.best_state, self.bad = [], -float("inf"), 0, None, 0
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        value = self.score()
+        self.model.train()
+        self.curve.append((state.global_step, value))
+        if value > self.best:
+            self.best, self.best_step, self.bad = value, state.global_step, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                control.should_training_stop = True
+
+    def restore(self):
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
 
 
 def train(trainer) -> float:
@@ -221,7 +278,7 @@ def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_b
     teacher = BertModel.from_pretrained(teacher_path)
     student = kronecker_bert_from_bert(teacher, preset=preset, head="base", progress=False)
     dargs = training_args(DistillationArguments, args, f"stage1-{preset}", args.stage1_steps, args.stage1_lr,
-                          args.stage1_batch_size, distill_preset="kroneckerbert", logits_weight=0.0,
+                          args.stage1_batch_size, distill_preset=args.stage1_preset, logits_weight=0.0,
                           labels_weight=0.0, _sampling="random")
     held = held_blocks[: args.stage1_eval_blocks]
     trainer = ILKDTrainer(model=student, teacher_model=teacher, args=dargs, train_dataset=train_blocks,
@@ -231,7 +288,7 @@ def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_b
     seconds = train(trainer)
     after = heldout_distillation_loss(trainer, held, args.eval_batch_size // 4)
     log(f"  stage 1 {preset}: held-out distillation loss after {after['eval_loss']:.4g} ({seconds:.0f} s)")
-    keep = ("eval_loss", "eval_loss_embedding", "eval_loss_attention", "eval_loss_ffn")
+    keep = ("eval_loss", "eval_loss_embedding", "eval_loss_hidden", "eval_loss_attention", "eval_loss_ffn")
     results["stage1"][preset] = {
         "steps": args.stage1_steps, "batch_size": args.stage1_batch_size, "block_size": args.stage1_block_size,
         "train_blocks": len(train_blocks), "tokens_seen": args.stage1_steps * args.stage1_batch_size
@@ -245,7 +302,12 @@ def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_b
 
 def run_task(args, task: str, teacher_path: str, tokenizer, stage1_states: dict, results) -> None:
     metric = get_task(task).main_metric
-    train_set = glue_split(args, task, "train", tokenizer, args.train_rows[task])
+    plateau = args.teacher_eval_every > 0
+    if plateau:
+        train_set, teacher_val = glue_split(args, task, "train", tokenizer, args.train_rows[task],
+                                            holdout=args.teacher_val_rows)
+    else:
+        train_set, teacher_val = glue_split(args, task, "train", tokenizer, args.train_rows[task]), []
     dev = glue_split(args, task, "validation", tokenizer)
     steps, batch = args.student_steps[task], args.batch_size[task]
     collate = DataCollatorWithPadding(tokenizer)
@@ -260,12 +322,24 @@ def run_task(args, task: str, teacher_path: str, tokenizer, stage1_states: dict,
     teacher = BertForSequenceClassification.from_pretrained(teacher_path, num_labels=2)
     targs = training_args(TrainingArguments, args, f"{task}-teacher", args.teacher_steps[task], args.teacher_lr,
                           batch)
-    seconds = train(Trainer(model=teacher, args=targs, train_dataset=train_set, data_collator=collate))
+    ttrainer = Trainer(model=teacher, args=targs, train_dataset=train_set, data_collator=collate)
+    watch = None
+    if plateau:
+        watch = Plateau(lambda: evaluate(teacher, teacher_val, task, tokenizer, args.eval_batch_size)[metric],
+                        teacher, args.teacher_eval_every, args.teacher_patience)
+        ttrainer.add_callback(watch)
+    seconds = train(ttrainer)
+    if watch is not None:
+        watch.restore()
+        entry["teacher_curve"] = watch.curve
+        log(f"[{task}] teacher plateau: best held-out {metric} {watch.best:.4f} at step {watch.best_step} "
+            f"(curve {[(s, round(v, 4)) for s, v in watch.curve]})")
     teacher.eval()
     t0 = time.perf_counter()
     score = evaluate(teacher, dev, task, tokenizer, args.eval_batch_size)[metric]
     entry["teacher"] = {"score": score, "seconds": seconds, "eval_seconds": time.perf_counter() - t0,
-                        "parameters": count_parameters(teacher)}
+                        "parameters": count_parameters(teacher),
+                        "steps": watch.best_step if watch is not None else args.teacher_steps[task]}
     log(f"[{task}] teacher {metric} = {score:.4f} ({seconds:.0f} s)")
     save(args, results)
 
@@ -273,40 +347,56 @@ def run_task(args, task: str, teacher_path: str, tokenizer, stage1_states: dict,
         for variant in VARIANTS:
             if variant == "stage1+ILKD" and preset not in stage1_states:
                 continue
-            set_seed(args.seed)
-            student = kronecker_bert_from_bert(teacher, preset=preset, progress=False)
-            if variant == "stage1+ILKD":
-                missing, unexpected = student.bert.load_state_dict(stage1_states[preset], strict=False)
-                bad = [k for k in missing if not k.startswith("pooler.")] + list(unexpected)
-                if bad:
-                    raise RuntimeError(f"stage-1 weights do not fit the stage-2 student: {bad[:5]}")
-            name = f"{task}-{preset}-{variant}"
-            log(f"[{task}] {preset} / {variant}: {steps} steps x {batch}")
-            if variant == "labels":
-                sargs = training_args(TrainingArguments, args, name, steps, args.student_lr, batch)
-                trainer = Trainer(model=student, args=sargs, train_dataset=train_set, data_collator=collate)
-            else:
-                sargs = training_args(DistillationArguments, args, name, steps, args.student_lr, batch,
-                                      distill_preset="kroneckerbert", **args.stage2_weights)
-                trainer = ILKDTrainer(model=student, teacher_model=teacher, args=sargs, train_dataset=train_set,
-                                      data_collator=collate)
-            seconds = train(trainer)
-            try_sdpa(student)
-            try_sdpa(teacher)
-            t0 = time.perf_counter()
-            s = evaluate(student, dev, task, tokenizer, args.eval_batch_size)[metric]
+            runs = []
+            for seed in args.seeds:
+                runs.append(train_student(args, task, preset, variant, seed, teacher, score, train_set, dev,
+                                          stage1_states, tokenizer, collate, steps, batch, metric))
+            scores = [r["score"] for r in runs]
+            mean = statistics.fmean(scores)
             entry["students"].setdefault(preset, {})[variant] = {
-                "score": s, "retention": s / score if score else None, "seconds": seconds,
-                "eval_seconds": time.perf_counter() - t0, "parameters": count_parameters(student),
-                "final_train_loss": next((h["train_loss"] for h in reversed(trainer.state.log_history)
-                                          if "train_loss" in h), None),
-                "last_logged_terms": next(({k: v for k, v in h.items() if k.startswith("loss")}
-                                           for h in reversed(trainer.state.log_history) if "loss" in h), None),
+                "score": mean, "scores": scores, "std": statistics.stdev(scores) if len(scores) > 1 else None,
+                "seeds": args.seeds, "retention": mean / score if score else None,
+                "seconds": sum(r["seconds"] for r in runs), "parameters": runs[0]["parameters"], "runs": runs,
             }
-            log(f"[{task}] {preset} / {variant}: {metric} = {s:.4f} "
-                f"(teacher {score:.4f}, retention {s / score if score else float('nan'):.3f}; {seconds:.0f} s)")
             save(args, results)
-            del trainer, student
+
+
+def train_student(args, task, preset, variant, seed, teacher, teacher_score, train_set, dev, stage1_states,
+                  tokenizer, collate, steps, batch, metric) -> dict:
+    """One stage-2 run of ``variant`` with ``seed``: its dev score and what its trainer logged."""
+    set_seed(seed)
+    student = kronecker_bert_from_bert(teacher, preset=preset, progress=False)
+    if variant == "stage1+ILKD":
+        missing, unexpected = student.bert.load_state_dict(stage1_states[preset], strict=False)
+        bad = [k for k in missing if not k.startswith("pooler.")] + list(unexpected)
+        if bad:
+            raise RuntimeError(f"stage-1 weights do not fit the stage-2 student: {bad[:5]}")
+    name = f"{task}-{preset}-{variant}-{seed}"
+    log(f"[{task}] {preset} / {variant} / seed {seed}: {steps} steps x {batch}")
+    extra = dict(seed=seed, data_seed=seed)
+    if variant == "labels":
+        sargs = training_args(TrainingArguments, args, name, steps, args.student_lr, batch, **extra)
+        trainer = Trainer(model=student, args=sargs, train_dataset=train_set, data_collator=collate)
+    else:
+        sargs = training_args(DistillationArguments, args, name, steps, args.student_lr, batch,
+                              distill_preset=args.stage2_preset, **args.stage2_weights, **extra)
+        trainer = ILKDTrainer(model=student, teacher_model=teacher, args=sargs, train_dataset=train_set,
+                              data_collator=collate)
+    seconds = train(trainer)
+    try_sdpa(student)
+    try_sdpa(teacher)
+    s = evaluate(student, dev, task, tokenizer, args.eval_batch_size)[metric]
+    log(f"[{task}] {preset} / {variant} / seed {seed}: {metric} = {s:.4f} (teacher {teacher_score:.4f}; "
+        f"{seconds:.0f} s)")
+    result = {
+        "seed": seed, "score": s, "seconds": seconds, "parameters": count_parameters(student),
+        "final_train_loss": next((h["train_loss"] for h in reversed(trainer.state.log_history)
+                                  if "train_loss" in h), None),
+        "last_logged_terms": next(({k: v for k, v in h.items() if k.startswith("loss")}
+                                   for h in reversed(trainer.state.log_history) if "loss" in h), None),
+    }
+    del trainer, student
+    return result
 
 
 def main(argv=None) -> dict:
@@ -333,8 +423,9 @@ def main(argv=None) -> dict:
         "variants": list(VARIANTS),
         "budgets": {k: getattr(args, k) for k in (
             "tasks", "presets", "train_rows", "max_length", "batch_size", "teacher_steps", "student_steps",
-            "teacher_lr", "student_lr", "stage2_weights", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
-            "stage1_holdout", "stage1_eval_blocks", "seed")},
+            "teacher_lr", "student_lr", "stage2_preset", "stage1_preset", "stage2_weights", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
+            "stage1_holdout", "stage1_eval_blocks", "seed", "seeds", "teacher_eval_every", "teacher_patience",
+            "teacher_val_rows")},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
                         "cpus": os.cpu_count(), "python": platform.python_version(),

@@ -12,6 +12,7 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 
 from kn_transformers import DistillationArguments, ILKDTrainer
 from kn_transformers.distillation import (
+    DEFAULT_PRESET,
     attention_kl,
     attention_score_mse,
     attention_valid_mask,
@@ -126,6 +127,33 @@ def test_arguments_presets_and_errors():
         DistillationArguments(output_dir="x", distill_preset="tinybert", report_to=[])
     with pytest.raises(ValueError, match="attention_loss"):
         DistillationArguments(output_dir="x", attention_loss="cosine", report_to=[])
+    # "balanced": relative feature errors, layer means, fading intermediate terms; the papers'
+    # presets (and no preset: kngpt2) keep their raw, summed terms
+    a = DistillationArguments(output_dir="x", report_to=[], distill_preset="balanced")
+    assert (a.feature_normalization, a.layer_reduction, a.intermediate_schedule, a.attention_loss) == (
+        "teacher", "mean", "linear_decay", "kl")
+    assert DEFAULT_PRESET == "kngpt2" and DistillationArguments(output_dir="x", report_to=[]).hidden_weight == 1.0
+    for preset in ("kngpt2", "kroneckerbert", None):
+        a = DistillationArguments(output_dir="x", distill_preset=preset, report_to=[])
+        assert (a.feature_normalization, a.layer_reduction, a.intermediate_schedule) == ("none", "sum", "constant")
+    for name in ("feature_normalization", "layer_reduction", "intermediate_schedule"):
+        with pytest.raises(ValueError, match=name):
+            DistillationArguments(output_dir="x", report_to=[], **{name: "other"})
+
+
+def test_normalized_hidden_mse_is_relative_to_the_teacher():
+    torch.manual_seed(0)
+    t = torch.randn(2, 5, 8) * 30.0
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert hidden_mse(torch.zeros_like(t), t, mask, normalize=True).item() == pytest.approx(1.0, rel=1e-6)
+    s = t + torch.randn_like(t)
+    raw = hidden_mse(s, t, mask)
+    keep = mask.bool()
+    assert hidden_mse(s, t, mask, normalize=True).item() == pytest.approx(
+        raw.item() / t[keep].pow(2).mean().item(), rel=1e-5)
+    # scale-free: the same relative error at any activation scale
+    assert hidden_mse(10 * s, 10 * t, mask, normalize=True).item() == pytest.approx(
+        hidden_mse(s, t, mask, normalize=True).item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -177,6 +205,26 @@ def test_every_term_is_logged_for_train_and_eval(tmp_path):
     # evaluation predictions carry logits only
     pred = trainer.predict(ds.select(range(4)))
     assert pred.predictions.shape == (4, 12, 64)
+
+
+def test_balanced_preset_averages_layers_and_fades_intermediate_terms(tmp_path):
+    """The logged terms are raw; the total is Σ weight·scale·term with the intermediate terms'
+    scale 1 - step/max_steps (the step that computed the loss), the task terms' 1."""
+    teacher, student = tiny_pair()
+    args = DistillationArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, logging_steps=1,
+                                 report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=1e-3,
+                                 distill_preset="balanced")
+    trainer = ILKDTrainer(model=student, args=args, teacher_model=teacher, train_dataset=lm_dataset(32))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 4
+    for step, h in enumerate(logs):
+        scale = 1 - step / 4
+        inter = sum(h[f"loss_{t}"] for t in ("embedding", "hidden", "attention"))
+        assert h["loss"] == pytest.approx(scale * inter + h["loss_logits"] + h["loss_labels"], rel=1e-4)
+    # on text alone (no task term) the intermediate terms are the objective: no fading
+    assert trainer._intermediate_scale({"hidden": torch.tensor(1.0)}) == 1.0
+    assert trainer._intermediate_scale({"hidden": torch.tensor(1.0), "labels": torch.tensor(1.0)}) == 0.0
 
 
 def test_gradient_accumulation_matches_a_full_batch(tmp_path):

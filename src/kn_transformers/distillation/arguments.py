@@ -15,17 +15,32 @@ from transformers import TrainingArguments
 # KL between attention distributions, KD on logits, cross-entropy on labels.
 # KroneckerBERT (Tahaei et al. 2022): MSE on the embedding output, on pre-softmax attention
 # scores and on each layer's FFN output, KD on logits, cross-entropy on labels.
+# The papers sum raw MSEs over layers, so a term's scale is the layer's activation scale times
+# the depth (BERT's attention-score MSE: 10-35x the label loss).
+# "balanced" puts every term on the label loss's scale: each feature MSE
+# relative to the teacher feature's mean square, attention as KL between distributions (bounded by
+# construction), each averaged over the mapped layers, so the sum of intermediate terms does not
+# grow with depth; and, as TinyBERT's intermediate-then-prediction phases do in two runs, the
+# intermediate terms fade out linearly over training, so the last steps serve the task.
+_PAPER = dict(feature_normalization="none", layer_reduction="sum", intermediate_schedule="constant")
 DISTILLATION_PRESETS: dict[str, dict] = {
     "kngpt2": dict(
         embedding_weight=1.0, hidden_weight=1.0, attention_weight=1.0, ffn_weight=0.0,
-        logits_weight=1.0, labels_weight=1.0, attention_loss="kl", temperature=1.0,
+        logits_weight=1.0, labels_weight=1.0, attention_loss="kl", temperature=1.0, **_PAPER,
     ),
     "kroneckerbert": dict(
         embedding_weight=1.0, hidden_weight=0.0, attention_weight=1.0, ffn_weight=1.0,
-        logits_weight=1.0, labels_weight=1.0, attention_loss="mse_scores", temperature=1.0,
+        logits_weight=1.0, labels_weight=1.0, attention_loss="mse_scores", temperature=1.0, **_PAPER,
+    ),
+    "balanced": dict(
+        embedding_weight=1.0, hidden_weight=1.0, attention_weight=1.0, ffn_weight=0.0,
+        logits_weight=1.0, labels_weight=1.0, attention_loss="kl", temperature=1.0,
+        feature_normalization="teacher", layer_reduction="mean", intermediate_schedule="linear_decay",
     ),
 }
-_DEFAULTS = DISTILLATION_PRESETS["kngpt2"]
+# the loss used when no preset is given (unchanged until a study shows another one winning)
+DEFAULT_PRESET = "kngpt2"
+INTERMEDIATE_TERMS = ("embedding", "hidden", "attention", "ffn")
 LOSS_TERMS = ("embedding", "hidden", "attention", "ffn", "logits", "labels")
 
 
@@ -33,9 +48,11 @@ LOSS_TERMS = ("embedding", "hidden", "attention", "ffn", "logits", "labels")
 class DistillationArguments(TrainingArguments):
     """``TrainingArguments`` with the intermediate-layer distillation settings.
 
-    Every weight left unset takes the value of ``distill_preset`` (``"kngpt2"`` when no preset
-    is given). With ``HfArgumentParser`` these are ``--distill_preset kroneckerbert
-    --hidden_weight 0.5 ...`` flags, or keys of a JSON file.
+    Every setting left unset takes the value of ``distill_preset`` (``"kngpt2"`` when no preset
+    is given). ``"kngpt2"`` and ``"kroneckerbert"`` are the papers' losses; ``"balanced"`` puts
+    every term on the label loss's scale (see ``DISTILLATION_PRESETS``). With ``HfArgumentParser``
+    these are ``--distill_preset kroneckerbert --hidden_weight 0.5 ...`` flags, or keys of a JSON
+    file.
     """
 
     distill_preset: Optional[str] = field(
@@ -53,6 +70,18 @@ class DistillationArguments(TrainingArguments):
                           "(KroneckerBERT)"},
     )
     temperature: Optional[float] = field(default=None, metadata={"help": "softmax temperature of the logits term"})
+    feature_normalization: Optional[str] = field(
+        default=None,
+        metadata={"help": "'teacher': each feature MSE relative to the teacher feature's mean square; 'none': raw MSE "
+                          "(the papers)"},
+    )
+    layer_reduction: Optional[str] = field(
+        default=None, metadata={"help": "'mean' or 'sum' (the papers) of a layer term over the mapped layers"})
+    intermediate_schedule: Optional[str] = field(
+        default=None,
+        metadata={"help": "'linear_decay': the intermediate terms' weights fall linearly to 0 over training (the "
+                          "task terms keep theirs); 'constant' (the papers)"},
+    )
     layer_map: str = field(
         default="one_to_one",
         metadata={"help": "'one_to_one', 'uniform' (TinyBERT: student layer i <- teacher layer i*N/M), or a "
@@ -65,12 +94,15 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(
                 f"distill_preset {self.distill_preset!r} is unknown; use one of {sorted(DISTILLATION_PRESETS)} or None"
             )
-        preset = DISTILLATION_PRESETS[self.distill_preset] if self.distill_preset else _DEFAULTS
+        preset = DISTILLATION_PRESETS[self.distill_preset or DEFAULT_PRESET]
         for name, value in preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        if self.attention_loss not in ("kl", "mse_scores"):
-            raise ValueError(f"attention_loss must be 'kl' or 'mse_scores', got {self.attention_loss!r}")
+        for name, allowed in (("attention_loss", ("kl", "mse_scores")), ("feature_normalization", ("teacher", "none")),
+                              ("layer_reduction", ("mean", "sum")),
+                              ("intermediate_schedule", ("constant", "linear_decay"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for term in LOSS_TERMS:
             value = getattr(self, f"{term}_weight")
             if not (_is_finite_number(value) and value >= 0):

@@ -23,17 +23,26 @@ def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Te
 
 
 def hidden_mse(
-    student: torch.Tensor, teacher: torch.Tensor, token_mask: Optional[torch.Tensor] = None
+    student: torch.Tensor, teacher: torch.Tensor, token_mask: Optional[torch.Tensor] = None, normalize: bool = False
 ) -> torch.Tensor:
     """MSE between hidden states ``(B, L, D)`` over the valid tokens ``token_mask`` ``(B, L)``.
 
     Averaged over valid tokens and over ``D``: used for the embedding output, each layer's
     hidden state and each FFN output. The student must already be projected to ``D``.
+
+    ``normalize=True`` divides by the teacher feature's mean square over the same entries
+    (a relative squared error: 1 for a student that outputs zeros, whatever the layer's scale),
+    so that terms of layers with large activations (BERT's last layers, GPT-2's residual stream)
+    do not outweigh the others and the task loss.
     """
     if student.shape != teacher.shape:
         raise ValueError(f"hidden states differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}")
-    sq = (student.float() - teacher.float()).pow(2)
-    return _masked_mean(sq, None if token_mask is None else token_mask[..., None].bool())
+    t = teacher.float()
+    mask = None if token_mask is None else token_mask[..., None].bool()
+    mse = _masked_mean((student.float() - t).pow(2), mask)
+    if normalize:
+        mse = mse / _masked_mean(t.pow(2), mask).detach().clamp_min(1e-12)
+    return mse
 
 
 def attention_valid_mask(attention_mask: Optional[torch.Tensor], seq_len: int, causal: bool, device=None) -> torch.Tensor:

@@ -7,9 +7,11 @@ masked-LM batches) and stage 2 on a task (classification or regression). The los
 
 over the embedding output, the mapped layers' hidden states, attention (KL between
 distributions or MSE on pre-softmax scores), FFN outputs, soft labels (logits) and hard
-labels (the student's own loss); see :mod:`.losses`. Layer terms are summed over the
-mapped layers, as in the papers. Each term is logged at every logging step, for training
-and evaluation (``loss_hidden``, ``eval_loss_hidden``, ...).
+labels (the student's own loss); see :mod:`.losses`. The presets in :mod:`.arguments` set how
+the terms are scaled (raw and summed over the mapped layers as in the papers, or ``"balanced"``:
+relative to the teacher, averaged over layers, intermediate terms fading out).
+Each term is logged raw (before its weight) at every logging step, for training and evaluation
+(``loss_hidden``, ``eval_loss_hidden``, ...).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
 from ..attention_scores import ATTENTION_SCORES_IMPLEMENTATION
-from .arguments import DistillationArguments, parse_layer_map
+from .arguments import INTERMEDIATE_TERMS, DistillationArguments, parse_layer_map
 from .losses import (
     attention_kl,
     attention_score_mse,
@@ -236,27 +238,31 @@ class ILKDTrainer(Trainer):
                 t_out = self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"}, **flags)
 
         token_mask = inputs.get("attention_mask")
+        norm = self.args.feature_normalization == "teacher"
+        reduce = self._reduce_layers
         terms = {}
         if w["embedding"] > 0:
             terms["embedding"] = hidden_mse(
-                self._student_state("embedding", 0, s_out.hidden_states), t_out.hidden_states[0], token_mask
+                self._student_state("embedding", 0, s_out.hidden_states), t_out.hidden_states[0], token_mask, norm
             )
         if w["hidden"] > 0:
-            terms["hidden"] = sum(
-                hidden_mse(self._student_state("hidden", s, s_out.hidden_states), t_out.hidden_states[t], token_mask)
+            terms["hidden"] = reduce([
+                hidden_mse(self._student_state("hidden", s, s_out.hidden_states), t_out.hidden_states[t], token_mask,
+                           norm)
                 for s, t in self.layer_pairs
-            )
+            ])
         if need_attention:
             scores = s_out.attentions[0]
             valid = attention_valid_mask(token_mask, scores.shape[-1], self.causal, scores.device)
             fn = attention_kl if self.args.attention_loss == "kl" else attention_score_mse
-            terms["attention"] = sum(fn(s_out.attentions[s - 1], t_out.attentions[t - 1], valid) for s, t in self.layer_pairs)
+            terms["attention"] = reduce([fn(s_out.attentions[s - 1], t_out.attentions[t - 1], valid)
+                                         for s, t in self.layer_pairs])
         if w["ffn"] > 0:
             s_ffn, t_ffn = [None] + self._ffn_outputs["student"], self._ffn_outputs["teacher"]
-            terms["ffn"] = sum(
-                hidden_mse(self._student_state("ffn", s, s_ffn), t_ffn[t - 1], token_mask)
+            terms["ffn"] = reduce([
+                hidden_mse(self._student_state("ffn", s, s_ffn), t_ffn[t - 1], token_mask, norm)
                 for s, t in self.layer_pairs
-            )
+            ])
         if w["logits"] > 0 and ("logits" in s_out or "start_logits" in s_out):  # base models have none
             terms["logits"] = self._logits_term(s_out, t_out, token_mask)
         if w["labels"] > 0 and getattr(s_out, "loss", None) is not None:
@@ -270,7 +276,8 @@ class ILKDTrainer(Trainer):
         values = dict(zip(terms, stacked.tolist()))  # one device sync for the check and the logs
         if not all(map(math.isfinite, values.values())):
             self._check_finite(terms, values, inputs, mode)
-        loss = sum(w[name] * value for name, value in terms.items())
+        scale = self._intermediate_scale(terms)
+        loss = sum(w[name] * (scale if name in INTERMEDIATE_TERMS else 1.0) * value for name, value in terms.items())
         for name, value in values.items():
             self._metrics[mode][f"loss_{name}"].append(value)
         if return_outputs:
@@ -297,6 +304,20 @@ class ILKDTrainer(Trainer):
             f"ILKD loss term {first!r} is {values[first]} {where}{others}; the student or the teacher produced "
             "non-finite values: check the teacher's weights, lower the learning rate, or use fp32/bf16 instead of fp16"
         )
+
+    def _reduce_layers(self, values: list) -> torch.Tensor:
+        """A layer term over the mapped layers: their sum (the papers) or mean (``layer_reduction``)."""
+        total = sum(values)
+        return total / len(values) if self.args.layer_reduction == "mean" else total
+
+    def _intermediate_scale(self, terms: dict) -> float:
+        """The factor on the intermediate terms' weights this step: 1, or with
+        ``intermediate_schedule="linear_decay"`` and a task term present, ``1 - step / max_steps``
+        (without task terms, as in stage 1 on text, the intermediate terms are the objective)."""
+        if self.args.intermediate_schedule != "linear_decay" or not any(t in terms for t in ("logits", "labels")):
+            return 1.0
+        total = self.state.max_steps or 0
+        return max(0.0, 1.0 - self.state.global_step / total) if total > 0 else 1.0
 
     def _logits_term(self, s_out, t_out, token_mask) -> torch.Tensor:
         T = self.args.temperature
