@@ -167,6 +167,8 @@ def load_kernels() -> ctypes.CDLL:
 
     Tried once per process: a failure is remembered and raised again."""
     global _lib, _failure
+    if _lib is not None:  # every layer call comes here: no lock once loaded
+        return _lib
     with _lock:
         if _lib is None and _failure is None:
             try:
@@ -217,10 +219,11 @@ def pack_a(A: torch.Tensor, m2: int, layout: str) -> torch.Tensor:
 
 
 def _plain(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A contiguous tensor without the conjugate/negative bits (whose bytes are what they read)."""
+    """A contiguous tensor without the conjugate/negative bits (whose bytes are what they read);
+    ``t`` itself when it already is one."""
     if t is None:
         return None
-    return t.detach().resolve_conj().resolve_neg().contiguous()
+    return t.resolve_conj().resolve_neg().contiguous()
 
 
 def kronecker_linear_native(x: torch.Tensor, packed: torch.Tensor, B: torch.Tensor, bias: Optional[torch.Tensor],
@@ -245,7 +248,8 @@ def kronecker_linear_native(x: torch.Tensor, packed: torch.Tensor, B: torch.Tens
     if N == 0:  # (an empty tensor's data pointer may be NULL, which the kernel reads as "no input")
         return y
     # the tensors whose pointers the kernel reads stay referenced until it returns
-    x, B, bias = _plain(x), _plain(B), _plain(bias)
+    # B detached: torch.mm takes a slower path for an operand that requires grad, even under no_grad
+    x, B, bias = _plain(x), _plain(B.detach()), _plain(bias)
     b = bias.data_ptr() if bias is not None else None
     threads = torch.get_num_threads()
     a = packed.data_ptr()
