@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,8 +215,6 @@ def ablation_reading(d: Optional[dict]) -> list[str]:
         binomial (dev-set) noise of one run."""
         sa, sb = runs.get((t, p, a)), runs.get((t, p, b))
         if sa and sb and len(sa) > 1 and len(sb) > 1:
-            import statistics
-
             return 2 * (statistics.variance(sa) / len(sa) + statistics.variance(sb) / len(sb)) ** 0.5
         return band.get(t, 0)
     pairs = sorted({(t, p) for t, p, *_ in rows})

@@ -20,11 +20,10 @@ from itertools import chain
 from typing import Optional
 
 import torch
-from transformers import AutoTokenizer, DataCollatorForLanguageModeling, default_data_collator, set_seed
+from transformers import DataCollatorForLanguageModeling, default_data_collator, set_seed
 from transformers.utils import logging
 
 from ..distillation import DistillationArguments, ILKDTrainer
-from ..loading import check_model_name_or_path
 from ..model_card import create_model_card
 from ..perplexity import sliding_window_perplexity
 from . import common
@@ -101,9 +100,7 @@ def main(argv=None) -> dict:
     push, training_args.push_to_hub = training_args.push_to_hub, False
 
     family = model_family(model_args.teacher_model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(
-        check_model_name_or_path(model_args.tokenizer_name or model_args.teacher_model_name_or_path,
-                                 "tokenizer" if model_args.tokenizer_name else "teacher"))
+    tokenizer = common.load_tokenizer(model_args.tokenizer_name, model_args.teacher_model_name_or_path, "teacher")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if family == "gpt2":

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
-from ..loading import check_model_name_or_path
 from ..perplexity import sliding_window_perplexity
+from .common import load_tokenizer
 from .students import load_model
 
 
@@ -50,8 +50,7 @@ def main(argv=None) -> dict:
         text = "\n\n".join(load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)["text"])
     else:
         raise ValueError("give --text_file or --dataset_name")
-    tokenizer = AutoTokenizer.from_pretrained(check_model_name_or_path(
-        args.tokenizer_name or args.model_name_or_path, "tokenizer" if args.tokenizer_name else "model"))
+    tokenizer = load_tokenizer(args.tokenizer_name, args.model_name_or_path)
     model = load_model(args.model_name_or_path, "causal-lm")
     ids = torch.tensor(tokenizer(text)["input_ids"])
     if args.max_tokens:

@@ -22,7 +22,6 @@ from typing import Optional
 
 from datasets import Value
 from transformers import (
-    AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
     set_seed,
@@ -31,7 +30,6 @@ from transformers.utils import logging
 
 from ..distillation import DistillationArguments, ILKDTrainer
 from ..glue import compute_metrics_for, get_task, load_glue
-from ..loading import check_model_name_or_path
 from ..model_card import create_model_card
 from . import common
 from .students import convert_to_student, load_model
@@ -72,9 +70,7 @@ def main(argv=None) -> dict:
     push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed below, with our card
 
     raw = load_glue(task.name, data_args.train_file, data_args.validation_file, model_args.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(
-        check_model_name_or_path(model_args.tokenizer_name or model_args.model_name_or_path,
-                                 "tokenizer" if model_args.tokenizer_name else "model"))
+    tokenizer = common.load_tokenizer(model_args.tokenizer_name, model_args.model_name_or_path)
     if tokenizer.pad_token is None:  # GPT-2
         tokenizer.pad_token = tokenizer.eos_token
     labels_cfg = dict(num_labels=task.num_labels, problem_type="regression" if task.is_regression else None,
