@@ -93,6 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--stage1_block_size", type=int, default=128)
     p.add_argument("--stage1_lr", type=float, default=5e-4)
     p.add_argument("--stage1_holdout", type=float, default=0.1, help="last fraction of the text blocks held out")
+    p.add_argument("--stage1_cache", default=None,
+                   help="folder keeping each preset's stage-1 result, reused by later runs with the same stage-1 "
+                        "settings (e.g. one study per task)")
     p.add_argument("--stage1_eval_blocks", type=int, default=32, help="held-out blocks scored (cost cap)")
     p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=42, help="seed of the data subsets, the teachers and stage 1")
@@ -300,6 +303,30 @@ def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_b
     return {k: v.detach().clone() for k, v in student.state_dict().items() if not k.startswith("pooler.")}
 
 
+def cached_stage1(args, preset: str, tokenizer, train_blocks, held_blocks, results) -> dict:
+    """``stage1``, or with ``--stage1_cache`` its saved result for the same settings (stage 1 is
+    task-independent: the per-task studies share it, as users share one general-distilled student)."""
+    if not args.stage1_cache:
+        return stage1(args, preset, args.teacher, tokenizer, train_blocks, held_blocks, results)
+    import hashlib
+
+    key = json.dumps([preset, args.teacher, args.stage1_preset, args.stage1_steps, args.stage1_batch_size,
+                      args.stage1_block_size, args.stage1_lr, args.stage1_holdout, args.stage1_eval_blocks, args.seed,
+                      torch.__version__, transformers.__version__, kn_transformers.__version__])
+    stem = os.path.join(args.stage1_cache, hashlib.sha256(key.encode()).hexdigest()[:16])
+    if os.path.exists(stem + ".pt") and os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            results["stage1"][preset] = dict(json.load(f), reused_from=stem + ".pt")
+        log(f"  stage 1 {preset}: reusing {stem}.pt (same settings)")
+        return torch.load(stem + ".pt")
+    state = stage1(args, preset, args.teacher, tokenizer, train_blocks, held_blocks, results)
+    os.makedirs(args.stage1_cache, exist_ok=True)
+    torch.save(state, stem + ".pt")
+    with open(stem + ".json", "w") as f:
+        json.dump(results["stage1"][preset], f)
+    return state
+
+
 def run_task(args, task: str, teacher_path: str, tokenizer, stage1_states: dict, results) -> None:
     metric = get_task(task).main_metric
     plateau = args.teacher_eval_every > 0
@@ -442,8 +469,7 @@ def main(argv=None) -> dict:
             for preset in args.presets:
                 log(f"stage 1 (general distillation) {preset}: {args.stage1_steps} steps x {args.stage1_batch_size}"
                     f" blocks of {args.stage1_block_size} tokens")
-                stage1_states[preset] = stage1(args, preset, args.teacher, tokenizer, train_blocks, held_blocks,
-                                               results)
+                stage1_states[preset] = cached_stage1(args, preset, tokenizer, train_blocks, held_blocks, results)
                 save(args, results)
         for task in args.tasks:
             run_task(args, task, args.teacher, tokenizer, stage1_states, results)

@@ -127,11 +127,11 @@ def test_arguments_presets_and_errors():
         DistillationArguments(output_dir="x", distill_preset="tinybert", report_to=[])
     with pytest.raises(ValueError, match="attention_loss"):
         DistillationArguments(output_dir="x", attention_loss="cosine", report_to=[])
-    # "balanced": relative feature errors, layer means, fading intermediate terms; the papers'
+    # "balanced": relative feature errors, layer means, intermediate then task terms (two_phase); the papers'
     # presets (and no preset: kngpt2) keep their raw, summed terms
     a = DistillationArguments(output_dir="x", report_to=[], distill_preset="balanced")
     assert (a.feature_normalization, a.layer_reduction, a.intermediate_schedule, a.attention_loss) == (
-        "teacher", "mean", "linear_decay", "kl")
+        "teacher", "mean", "two_phase", "kl")
     assert DEFAULT_PRESET == "kngpt2" and DistillationArguments(output_dir="x", report_to=[]).hidden_weight == 1.0
     for preset in ("kngpt2", "kroneckerbert", None):
         a = DistillationArguments(output_dir="x", distill_preset=preset, report_to=[])
@@ -207,24 +207,31 @@ def test_every_term_is_logged_for_train_and_eval(tmp_path):
     assert pred.predictions.shape == (4, 12, 64)
 
 
-def test_balanced_preset_averages_layers_and_fades_intermediate_terms(tmp_path):
-    """The logged terms are raw; the total is Σ weight·scale·term with the intermediate terms'
-    scale 1 - step/max_steps (the step that computed the loss), the task terms' 1."""
+@pytest.mark.parametrize("schedule", ["two_phase", "linear_decay"])
+def test_balanced_preset_schedules_the_intermediate_terms(tmp_path, schedule):
+    """The logged terms are raw; the total is Σ weight·scale·term with, for the step that computed
+    the loss, two_phase (the preset's default): intermediate terms alone in the first half, task
+    terms alone after; linear_decay: intermediate terms scaled by 1 - step/max_steps."""
     teacher, student = tiny_pair()
     args = DistillationArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, logging_steps=1,
                                  report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=1e-3,
-                                 distill_preset="balanced")
+                                 distill_preset="balanced",
+                                 **({} if schedule == "two_phase" else {"intermediate_schedule": schedule}))
+    assert args.intermediate_schedule == schedule
     trainer = ILKDTrainer(model=student, args=args, teacher_model=teacher, train_dataset=lm_dataset(32))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 4
     for step, h in enumerate(logs):
-        scale = 1 - step / 4
+        if schedule == "two_phase":
+            inter_scale, task_scale = (1.0, 0.0) if step < 2 else (0.0, 1.0)
+        else:
+            inter_scale, task_scale = 1 - step / 4, 1.0
         inter = sum(h[f"loss_{t}"] for t in ("embedding", "hidden", "attention"))
-        assert h["loss"] == pytest.approx(scale * inter + h["loss_logits"] + h["loss_labels"], rel=1e-4)
-    # on text alone (no task term) the intermediate terms are the objective: no fading
-    assert trainer._intermediate_scale({"hidden": torch.tensor(1.0)}) == 1.0
-    assert trainer._intermediate_scale({"hidden": torch.tensor(1.0), "labels": torch.tensor(1.0)}) == 0.0
+        task = h["loss_logits"] + h["loss_labels"]
+        assert h["loss"] == pytest.approx(inter_scale * inter + task_scale * task, rel=1e-4)
+    # on text alone (no task term) the intermediate terms are the objective: no schedule
+    assert trainer._term_scales({"hidden": torch.tensor(1.0)}) == (1.0, 1.0)
 
 
 def test_gradient_accumulation_matches_a_full_batch(tmp_path):

@@ -276,8 +276,9 @@ class ILKDTrainer(Trainer):
         values = dict(zip(terms, stacked.tolist()))  # one device sync for the check and the logs
         if not all(map(math.isfinite, values.values())):
             self._check_finite(terms, values, inputs, mode)
-        scale = self._intermediate_scale(terms)
-        loss = sum(w[name] * (scale if name in INTERMEDIATE_TERMS else 1.0) * value for name, value in terms.items())
+        scale, task_scale = self._term_scales(terms)
+        loss = sum(w[name] * (scale if name in INTERMEDIATE_TERMS else task_scale) * value
+                   for name, value in terms.items())
         for name, value in values.items():
             self._metrics[mode][f"loss_{name}"].append(value)
         if return_outputs:
@@ -310,14 +311,22 @@ class ILKDTrainer(Trainer):
         total = sum(values)
         return total / len(values) if self.args.layer_reduction == "mean" else total
 
-    def _intermediate_scale(self, terms: dict) -> float:
-        """The factor on the intermediate terms' weights this step: 1, or with
-        ``intermediate_schedule="linear_decay"`` and a task term present, ``1 - step / max_steps``
-        (without task terms, as in stage 1 on text, the intermediate terms are the objective)."""
-        if self.args.intermediate_schedule != "linear_decay" or not any(t in terms for t in ("logits", "labels")):
-            return 1.0
+    def _term_scales(self, terms: dict) -> tuple[float, float]:
+        """Factors on the intermediate and on the task terms' weights this step.
+
+        ``constant``: 1 and 1. ``linear_decay``: ``1 - step / max_steps`` and 1. ``two_phase``
+        (TinyBERT's intermediate-then-prediction distillation in one run): the intermediate terms
+        alone for the first half of training, then the task terms alone. Without task terms in the
+        loss (stage 1 on text) the intermediate terms are the objective and keep their weights.
+        """
+        schedule = self.args.intermediate_schedule
+        if schedule == "constant" or not any(t in terms for t in ("logits", "labels")):
+            return 1.0, 1.0
         total = self.state.max_steps or 0
-        return max(0.0, 1.0 - self.state.global_step / total) if total > 0 else 1.0
+        progress = self.state.global_step / total if total > 0 else 0.0
+        if schedule == "linear_decay":
+            return max(0.0, 1.0 - progress), 1.0
+        return (1.0, 0.0) if progress < 0.5 else (0.0, 1.0)
 
     def _logits_term(self, s_out, t_out, token_mask) -> torch.Tensor:
         T = self.args.temperature
