@@ -11,7 +11,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,teacher,demo]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,teacher,demo,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -23,6 +23,7 @@ from .convert_bert import KroneckerBertPreset, kronecker_bert_config, kronecker_
 from .convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2
 from .distillation import DISTILLATION_PRESETS, DistillationArguments, ILKDTrainer
 from .contraction import KRONECKER_ORDERS, contraction_order, kronecker_matmul
+from .export import export_onnx, merge_to_dense
 from .factor_search import FactorChoice, choose_kronecker_factors, kronecker_factor_choices
 from .inference import optimize_for_inference
 from .kronecker import KroneckerEmbedding, KroneckerLinear
@@ -72,7 +73,9 @@ __all__ = [
     "ModuleReport",
     "choose_kronecker_factors",
     "eager_attention_with_scores",
+    "export_onnx",
     "kngpt2_config_from_gpt2",
+    "merge_to_dense",
     "kngpt2_from_gpt2",
     "kronecker_bert_config",
     "kronecker_bert_from_bert",

@@ -8,6 +8,8 @@
     kn-transformers evaluate glue ...          # = run_glue.py with --do_eval only
     kn-transformers report [MODEL]             # nearest-Kronecker report of every matrix (default: bundled MiniLM)
     kn-transformers build-kernels              # compile the optional native CPU kernel (optimize_for_inference)
+    kn-transformers export MODEL OUT --format dense          # vanilla GPT-2 / BERT folder (merge_to_dense)
+    kn-transformers export MODEL OUT --format onnx [--quantize int8]   # factored ONNX graph (export_onnx)
 
 User errors (bad paths, arguments, non-finite losses) print one ``kn-transformers: error: ...``
 line and exit with status 2; ``kn-transformers --debug ...`` or ``KN_TRANSFORMERS_DEBUG=1``
@@ -182,6 +184,44 @@ def _cmd_build_kernels(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .recipes.students import load_model
+
+    args.model = check_model_name_or_path(args.model, "model")
+    head = args.head
+    if head is None:
+        archs = " ".join(AutoConfig.from_pretrained(args.model).architectures or [])
+        head = ("sequence-classification" if "SequenceClassification" in archs else "masked-lm" if "MaskedLM" in archs
+                else "question-answering" if "QuestionAnswering" in archs
+                else "causal-lm" if "LMHead" in archs or "CausalLM" in archs else "base")
+    if args.quantize and args.format != "onnx":
+        raise ValueError("--quantize int8 applies to --format onnx")
+    model = load_model(args.model, head).eval()
+    if args.format == "dense":
+        from .export import merge_to_dense
+
+        dense = merge_to_dense(model)
+        dense.save_pretrained(args.output)
+        where = args.output
+    else:
+        from .export import export_onnx, quantize_onnx
+
+        where = export_onnx(model, args.output, opset=args.opset, with_past=not args.no_past)
+        model.config.save_pretrained(where.parent)
+        if args.quantize:
+            quantized = quantize_onnx(where)
+            print(f"int8: {quantized} ({quantized.stat().st_size / 2**20:.1f} MiB; fp32 {where.stat().st_size / 2**20:.1f} MiB)")
+        where = where.parent
+    try:
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(where)
+    except (OSError, ValueError):
+        pass  # no tokenizer beside the model: nothing to copy
+    print(f"Exported to {where}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Run the command; a user error prints ``kn-transformers: error: <message>`` and returns 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -244,6 +284,17 @@ def _main(argv: list) -> int:
     p = sub.add_parser("build-kernels", help="compile the optional native CPU kernel used by optimize_for_inference")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching binary is cached")
     p.set_defaults(func=_cmd_build_kernels)
+
+    p = sub.add_parser("export", help="a Kronecker model as its vanilla dense architecture, or as a factored ONNX graph")
+    p.add_argument("model", help="Kronecker model folder or name")
+    p.add_argument("output", help="output folder (or .onnx file with --format onnx)")
+    p.add_argument("--format", choices=["dense", "onnx"], required=True)
+    p.add_argument("--quantize", choices=["int8"], default=None, help="ONNX Runtime dynamic int8 quantisation")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--no_past", action="store_true", help="causal LMs: export without the KV-cache inputs/outputs")
+    p.add_argument("--head", default=None, help="causal-lm | sequence-classification | masked-lm | "
+                                                "question-answering | base; default: the folder's")
+    p.set_defaults(func=_cmd_export)
 
     args = parser.parse_args(argv)
     return args.func(args)

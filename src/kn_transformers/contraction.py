@@ -43,6 +43,17 @@ def contraction_order(A: torch.Tensor, B: torch.Tensor) -> str:
     return "a_first_bmm" if m1 * r <= _BMM_MAX_ROWS else "a_first"
 
 
+def flat_contraction_order(A: torch.Tensor, B: torch.Tensor) -> str:
+    """The order for graph runtimes (ONNX Runtime): the one with fewer multiply-adds, each stage one
+    flat 2-D matmul over all rows (``b_first_flat``, ``a_first_t``). The ``matmul``/``bmm`` forms
+    with a broadcast factor export as a batched MatMul that such runtimes run as one small GEMM
+    per row."""
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    fb, fa = kronecker_flops(m1, n1, m2, n2, r)
+    return "b_first_flat" if fb <= fa else "a_first_t"
+
+
 def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str = "auto") -> torch.Tensor:
     """``x @ (Σ_r A_r ⊗ B_r)ᵀ`` without building the product.
 
@@ -78,7 +89,7 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
 
 # The contraction strategies (see kronecker_matmul); all compute the same product.
 KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "a_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew",
-                    "a_first_ew")
+                    "a_first_ew", "b_first_flat")
 
 
 def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
@@ -194,6 +205,17 @@ def _order_b_first_t(x3, A, B, bias):
     return yp.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)
 
 
+def _order_b_first_flat(x3, A, B, bias):
+    N = x3.shape[0]
+    r, m1, n1 = A.shape
+    m2 = B.shape[1]
+    t = _b_stage(x3, B)  # (N, n1*r, m2)
+    tp = t.transpose(1, 2).reshape(N * m2, n1 * r)  # rows (N, i2), copied
+    yp = tp @ _a_cat(A).T  # (N*m2, m1): one flat matmul
+    y = yp.view(N, m2, m1).transpose(1, 2).reshape(N, m1 * m2)
+    return y if bias is None else y + bias
+
+
 def _order_a_first_t(x3, A, B, bias):
     N, n1, n2 = x3.shape
     r, m1, _ = A.shape
@@ -245,6 +267,7 @@ _STRATEGY_FNS = {
     "b_first": _order_b_first,
     "a_first": _order_a_first,
     "b_first_t": _order_b_first_t,
+    "b_first_flat": _order_b_first_flat,
     "b_first_bmm": _order_b_first_bmm,
     "a_first_bmm": _order_a_first_bmm,
     "a_first_t": _order_a_first_t,

@@ -27,12 +27,19 @@ def model_family(name_or_path: str) -> str:
 
 def load_model(name_or_path: str, head: str, **config_overrides) -> PreTrainedModel:
     """A dense teacher or Kronecker student with ``head`` in (``"sequence-classification"``, ``"causal-lm"``,
-    ``"masked-lm"``, ``"base"``); Kronecker classes come from ``import kn_transformers``."""
+    ``"masked-lm"``, ``"question-answering"``, ``"base"``); Kronecker classes come from ``import kn_transformers``."""
     import kn_transformers  # noqa: F401  (registers the Kronecker models with the Auto classes)
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForQuestionAnswering,
+        AutoModelForSequenceClassification,
+    )
 
     auto = {"sequence-classification": AutoModelForSequenceClassification, "causal-lm": AutoModelForCausalLM,
-            "masked-lm": AutoModelForMaskedLM, "base": AutoModel}[head]
+            "masked-lm": AutoModelForMaskedLM, "question-answering": AutoModelForQuestionAnswering,
+            "base": AutoModel}[head]
     return auto.from_pretrained(check_model_name_or_path(name_or_path), **config_overrides)
 
 

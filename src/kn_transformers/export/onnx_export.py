@@ -1,0 +1,307 @@
+"""``export_onnx``: a Kronecker (or dense) transformers model as an ONNX graph, factored form kept.
+
+Each Kronecker layer exports as the two contractions the PyTorch forward runs (``MatMul`` /
+``Reshape`` / ``Transpose`` on the factors ``A``, ``B``): no ``out × in`` matrix exists in the
+graph. The exporter is ``torch.onnx.export(dynamo=True)`` (``torch.export`` + onnxscript):
+Optimum's exporter keys its ONNX configs on model types and would need one registered per
+Kronecker type while tracing through the same ``torch.onnx`` underneath; exporting the model's
+own forward needs no registration, and the input/output names follow Optimum's conventions so
+that ONNX Runtime code written for Optimum's GPT-2 / BERT graphs runs these too.
+
+Causal language models (``with_past=True``) take ``input_ids``, ``attention_mask`` (past + new
+positions), ``position_ids`` and ``past_key_values.{i}.key`` / ``.value``
+(``batch × heads × past_len × head_dim``; ``past_len`` may be 0 for the first step) and return
+``logits`` and ``present.{i}.key`` / ``.value``. Encoders take ``input_ids``,
+``attention_mask`` (and ``token_type_ids`` where the model has them) and return the model's
+outputs (``logits``, ``last_hidden_state``, ``start_logits``/``end_logits``). Batch and
+sequence axes are dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from ..kronecker import KroneckerEmbedding, KroneckerLinear
+from .merge import dense_class_of
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ONNX_ARCHITECTURES", "export_onnx", "quantize_onnx", "check_factored_graph"]
+
+#: model type of the dense architecture -> how its graph is exported ("causal": decoder with
+#: a KV cache; "encoder": bidirectional, optional token types)
+ONNX_ARCHITECTURES = {"gpt2": "causal", "bert": "encoder"}
+#: opsets the dynamo exporter writes (it translates to opset 18 and converts upwards)
+MIN_OPSET = 18
+
+
+def _architecture(model: PreTrainedModel) -> tuple[str, str]:
+    dense_cls = type(model) if type(model).__module__.startswith("transformers.models.") else dense_class_of(model)
+    model_type = dense_cls.config_class.model_type
+    kind = ONNX_ARCHITECTURES.get(model_type)
+    if kind is None:
+        raise ValueError(
+            f"export_onnx knows the architectures {sorted(ONNX_ARCHITECTURES)}, not {model_type!r} "
+            f"({type(model).__name__}); export merge_to_dense(model) with Optimum instead"
+        )
+    return model_type, kind
+
+
+def _check_output_path(path: Union[str, os.PathLike]) -> Path:
+    path = Path(path)
+    if path.suffix != ".onnx":
+        path = path / "model.onnx"
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create {str(folder)!r} for the ONNX file ({e.strerror}); choose a writable folder") from None
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OSError(f"cannot write {str(path)!r}: permission denied; choose a writable folder")
+    return path
+
+
+def _check_opset(opset: int) -> int:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset must be an integer in [{MIN_OPSET}, {newest}] (the exporter's range), got {opset!r}")
+    return opset
+
+
+@contextlib.contextmanager
+def _plain_torch_path(model: nn.Module):
+    """During export: layers prepared with ``optimize_for_inference`` use the plain contraction (the
+    native kernel is not an ONNX op), every Kronecker layer the flat-matmul order
+    (``flat_contraction_order``), attention transformers' eager implementation; all restored after."""
+    from ..inference import OptimizedKroneckerLinear
+
+    from ..contraction import flat_contraction_order
+
+    swapped = [m for m in model.modules() if isinstance(m, OptimizedKroneckerLinear)]
+    layers = [m for m in model.modules() if isinstance(m, KroneckerLinear)]
+    orders = [m.order for m in layers]
+    if swapped:
+        logger.info("export_onnx: %d layers prepared by optimize_for_inference export their plain PyTorch "
+                    "contraction (the native kernel is not an ONNX operator)", len(swapped))
+    configs = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    attn = [c._attn_implementation for c in configs]
+    training = model.training
+    for m in swapped:
+        m.__class__ = KroneckerLinear
+    for m in layers:  # each stage one flat matmul: what graph runtimes run fast
+        m.order = flat_contraction_order(m.A, m.B)
+    for c in configs:
+        c._attn_implementation = "eager"
+    model.eval()
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.__class__ = OptimizedKroneckerLinear
+        for m, order in zip(layers, orders):
+            m.order = order
+        for c, value in zip(configs, attn):
+            c._attn_implementation = value
+        model.train(training)
+
+
+class _CausalLMWithFlatCache(nn.Module):
+    """A causal LM whose cache goes in and out as flat tensors (ONNX has no cache objects)."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        cache = DynamicCache(config=self.model.config)
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, return_dict=True)
+        presents = []
+        for layer in out.past_key_values.layers:
+            presents += [layer.keys, layer.values]
+        return (out.logits, *presents)
+
+
+class _Outputs(nn.Module):
+    """An encoder returning the named outputs as a tuple (the ONNX outputs, in order)."""
+
+    def __init__(self, model: PreTrainedModel, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        out = self.model(**inputs, return_dict=True)
+        return tuple(out[name] for name in self.names)
+
+
+def _causal_example(model: PreTrainedModel, batch: int, length: int, past: int):
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    layers = config.num_hidden_layers
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+    mask = torch.ones(batch, past + length, dtype=torch.long, device=device)
+    positions = torch.arange(past, past + length, device=device).expand(batch, length)
+    cache = [torch.zeros(batch, kv_heads, past, head_dim, device=device, dtype=dtype) for _ in range(2 * layers)]
+    names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return (ids, mask, positions, cache), names
+
+
+@torch.no_grad()
+def export_onnx(
+    model: PreTrainedModel,
+    path: Union[str, os.PathLike],
+    *,
+    with_past: Optional[bool] = None,
+    opset: int = MIN_OPSET,
+    example_batch: int = 2,
+    example_length: int = 8,
+) -> Path:
+    """Export ``model`` (KnGPT2, KroneckerBERT, or the dense GPT-2 / BERT they come from) to ONNX.
+
+    Args:
+        model: the model; not changed (layers prepared by ``optimize_for_inference`` export their
+            plain PyTorch contraction).
+        path: a ``.onnx`` file, or a folder that gets ``model.onnx``.
+        with_past: causal LMs only: export the KV-cache inputs and outputs (default ``True``).
+        opset: ONNX opset, ``MIN_OPSET`` (18) up to the installed ``onnx``'s newest.
+        example_batch, example_length: the shapes traced (any batch and length run afterwards).
+
+    Returns the path of the ``.onnx`` file. Weights are stored inside the file up to protobuf's
+    2 GB limit and beside it (``.onnx.data``) above that.
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ImportError("export_onnx needs onnx and onnxscript: pip install 'kn-transformers[export]'") from None
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"export_onnx expects a transformers PreTrainedModel, got {type(model).__name__}")
+    _, kind = _architecture(model)
+    path = _check_output_path(path)
+    opset = _check_opset(opset)
+    batch = torch.export.Dim("batch")
+    sequence = torch.export.Dim("sequence")
+
+    with _plain_torch_path(model):
+        if kind == "causal" and with_past is not False and hasattr(model, "generate"):
+            wrapper = _CausalLMWithFlatCache(model)
+            args, past_names = _causal_example(model, example_batch, example_length, past=3)
+            past_len, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
+            dynamic = ({0: batch, 1: sequence}, {0: batch, 1: total}, {0: batch, 1: sequence},
+                       [{0: batch, 2: past_len}] * len(past_names))
+            input_names = ["input_ids", "attention_mask", "position_ids", *past_names]
+            output_names = ["logits", *[n.replace("past_key_values", "present") for n in past_names]]
+            kwargs = {}
+        else:
+            config = model.config
+            device = next(model.parameters()).device
+            ids = torch.randint(0, config.vocab_size, (example_batch, example_length), device=device)
+            kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if kind == "encoder" and getattr(config, "type_vocab_size", 0) > 1:
+                kwargs["token_type_ids"] = torch.zeros_like(ids)
+            if kind == "causal" and getattr(config, "pad_token_id", None) is None and "Classification" in type(model).__name__:
+                raise ValueError("export_onnx: set model.config.pad_token_id (sequence classification pools the last "
+                                 "non-padding token)")
+            probe = model(**kwargs, return_dict=True)
+            output_names = [k for k, v in probe.items() if isinstance(v, torch.Tensor)
+                            and k not in ("hidden_states", "attentions", "past_key_values")]
+            wrapper = _Outputs(model, output_names)
+            input_names = list(kwargs)
+            dynamic = {name: {0: batch, 1: sequence} for name in kwargs}
+            args = ()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not the user's concern
+            program = torch.onnx.export(
+                wrapper, args, kwargs=kwargs or None, dynamo=True, input_names=input_names,
+                output_names=output_names, dynamic_shapes=dynamic, opset_version=opset, verbose=False,
+            )
+    program.save(str(path), external_data=_too_big_for_one_file(model))
+    return path
+
+
+def _too_big_for_one_file(model: nn.Module) -> bool:
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return size > 1_800_000_000  # protobuf's 2 GB limit on one message
+
+
+def quantize_onnx(path: Union[str, os.PathLike], output: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """ONNX Runtime dynamic int8 quantisation (weights int8, activations quantised per call) of the
+    graph at ``path``; writes ``output`` (default: ``<name>.int8.onnx`` beside it) and returns it."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise ImportError("quantize_onnx needs onnxruntime: pip install 'kn-transformers[export]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
+    output = Path(output) if output is not None else path.with_name(path.stem + ".int8.onnx")
+    output = _check_output_path(output)
+    quantize_dynamic(str(path), str(output), weight_type=QuantType.QInt8)
+    return output
+
+
+def check_factored_graph(onnx_model, model: nn.Module) -> None:
+    """Raise ``AssertionError`` if the ONNX graph holds a constant, or computes a tensor of static
+    shape, with the shape of one of ``model``'s Kronecker matrices (``out × in`` either way round,
+    or the ``vocab × dim`` table) beyond the dense parameters of that shape: the export must keep
+    the factors.
+    ``onnx_model``: an ``onnx.ModelProto`` or a path."""
+    import collections
+
+    import onnx
+
+    if not isinstance(onnx_model, onnx.ModelProto):
+        onnx_model = onnx.load(str(onnx_model))
+    full = {}  # the shapes a full matrix would have (either orientation) -> the layer
+    for name, module in model.named_modules():
+        if isinstance(module, KroneckerLinear):
+            shape = (module.out_features, module.in_features)
+        elif isinstance(module, KroneckerEmbedding):
+            shape = (module.num_embeddings, module.embedding_dim)
+        else:
+            continue
+        full.setdefault(shape, name)
+        full.setdefault(shape[::-1], name)
+    if not full:
+        return
+    kron = {id(m) for m in model.modules() if isinstance(m, (KroneckerLinear, KroneckerEmbedding))}
+    dense = collections.Counter()  # dense parameters of those shapes are allowed, once each
+    for module in model.modules():
+        if id(module) not in kron:
+            dense.update(tuple(p.shape) for p in module.parameters(recurse=False))
+    tensors = [(init.name, list(init.dims)) for init in onnx_model.graph.initializer]
+    tensors += [(node.output[0], list(attr.t.dims)) for node in onnx_model.graph.node if node.op_type == "Constant"
+                for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR]
+    constant_names = {name for name, _ in tensors}
+    inferred = onnx.shape_inference.infer_shapes(onnx_model)
+    for info in inferred.graph.value_info:  # computed tensors (shape inference also lists the constants)
+        dims = info.type.tensor_type.shape.dim
+        if info.name not in constant_names and dims and all(d.HasField("dim_value") for d in dims):
+            tensors.append((info.name, [d.dim_value for d in dims]))
+    seen = collections.Counter()
+    for name, dims in tensors:
+        shape = tuple(dims)
+        if shape in full:
+            seen[shape] += 1
+            if seen[shape] > dense[shape] + dense[shape[::-1]]:
+                raise AssertionError(f"the ONNX graph holds {name!r} of shape {list(shape)}, {full[shape]}'s full matrix")

@@ -1,0 +1,306 @@
+"""Deployment: merge_to_dense (vanilla architecture, loads without kn_transformers) and export_onnx
+(factored graph, real onnxruntime sessions, greedy generation through the KV-cache graph)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    OPTConfig,
+    OPTForCausalLM,
+)
+
+import kn_transformers as K
+from kn_transformers import merge_to_dense
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from kn_transformers.export import check_factored_graph, export_onnx, quantize_onnx  # noqa: E402
+
+VOCAB = 300
+
+
+def _gpt2(**kw):
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
+                     eos_token_id=0, pad_token_id=0, **kw)
+    return cfg
+
+
+def _bert_config():
+    return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      vocab_size=VOCAB, max_position_embeddings=40)
+
+
+def _kngpt2(tied: bool):
+    teacher = GPT2LMHeadModel(_gpt2()).eval()
+    return K.kngpt2_from_gpt2(teacher, preset="paper", tie_word_embeddings=tied, progress=False).eval()
+
+
+def _kbert(cls=BertForSequenceClassification, preset="kroneckerbert8"):
+    torch.manual_seed(0)
+    teacher = cls(_bert_config()).eval()
+    return K.kronecker_bert_from_bert(teacher, preset=preset, progress=False).eval()
+
+
+def _close(a, b, rtol):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    scale = b.abs().max().clamp_min(1e-12)
+    assert ((a - b).abs().max() / scale).item() <= rtol, ((a - b).abs().max() / scale).item()
+
+
+def _ids(batch, length, pad_last=0):
+    g = torch.Generator().manual_seed(batch * 100 + length)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if pad_last:
+        mask[0, -pad_last:] = 0
+    return ids, mask
+
+
+# -- merge_to_dense ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["factored-tied-head", "paper-untied-head"])
+def test_merge_kngpt2_lm_is_gpt2_with_the_same_logits(tied):
+    student = _kngpt2(tied)
+    assert student.has_factored_head == tied
+    dense = merge_to_dense(student)
+    assert type(dense) is GPT2LMHeadModel and not dense.training
+    assert dense.config.model_type == "gpt2"
+    assert not {k for k in dense.config.to_dict() if k.startswith("kronecker") or k == "auto_map"}
+    assert (dense.lm_head.weight is dense.transformer.wte.weight) == tied
+    ids, mask = _ids(2, 12, pad_last=3)
+    _close(dense(ids, attention_mask=mask).logits, student(ids, attention_mask=mask).logits, 1e-5)
+    # the student is untouched and still Kronecker
+    assert isinstance(student.transformer.h[1].attn.c_attn, K.KroneckerLinear)
+
+
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForMaskedLM, BertForQuestionAnswering])
+def test_merge_kronecker_bert_heads(cls):
+    student = _kbert(cls)
+    dense = merge_to_dense(student)
+    assert type(dense) is cls
+    ids, mask = _ids(3, 9, pad_last=2)
+    s_out, d_out = student(ids, attention_mask=mask), dense(ids, attention_mask=mask)
+    for key in ("logits", "start_logits", "end_logits"):
+        if key in s_out:
+            _close(d_out[key], s_out[key], 1e-5)
+    if cls is BertForMaskedLM:  # the factored decoder becomes BERT's tied decoder
+        assert dense.cls.predictions.decoder.weight is dense.bert.embeddings.word_embeddings.weight
+
+
+def test_merge_kngpt2_classifier_and_float64():
+    teacher = GPT2ForSequenceClassification(_gpt2(num_labels=3)).double().eval()
+    from kn_transformers.recipes.students import convert_to_student
+
+    student = convert_to_student(teacher, "paper", None, "sequence-classification").eval()
+    dense = merge_to_dense(student)
+    assert type(dense) is GPT2ForSequenceClassification and dense.dtype == torch.float64
+    ids, mask = _ids(2, 7)
+    _close(dense(ids, attention_mask=mask).logits, student(ids, attention_mask=mask).logits, 1e-10)
+
+
+def test_merge_of_an_optimised_model_matches():
+    student = K.optimize_for_inference(_kbert(), native=False)
+    dense = merge_to_dense(student)
+    ids, mask = _ids(2, 8)
+    _close(dense(ids, attention_mask=mask).logits, student(ids, attention_mask=mask).logits, 1e-5)
+
+
+def test_merge_rejects_models_that_are_not_kronecker():
+    with pytest.raises(TypeError, match="merge_to_dense expects a Kronecker transformers model"):
+        merge_to_dense(GPT2LMHeadModel(_gpt2()))
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        merge_to_dense(K.KroneckerLinear(4, 4, (2, 2)))
+
+
+def test_merged_folder_loads_without_kn_transformers(tmp_path):
+    student = _kngpt2(tied=True)
+    dense = merge_to_dense(student)
+    dense.save_pretrained(tmp_path / "dense")
+    saved = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert saved["model_type"] == "gpt2" and "auto_map" not in saved
+    assert not any(k.startswith("kronecker") for k in saved)
+    assert not list((tmp_path / "dense").glob("*.py"))
+    ids, mask = _ids(2, 10, pad_last=2)
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    np.save(tmp_path / "mask.npy", mask.numpy())
+    np.save(tmp_path / "ref.npy", student(ids, attention_mask=mask).logits.detach().numpy())
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["kn_transformers"] = None  # any import of the package fails
+        import numpy as np, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'dense')!r}).eval()
+        assert type(m).__name__ == "GPT2LMHeadModel"
+        ids = torch.from_numpy(np.load({str(tmp_path / 'ids.npy')!r}))
+        mask = torch.from_numpy(np.load({str(tmp_path / 'mask.npy')!r}))
+        out = m(ids, attention_mask=mask).logits.detach().numpy()
+        ref = np.load({str(tmp_path / 'ref.npy')!r})
+        print(float(np.abs(out - ref).max() / np.abs(ref).max()))
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+# -- ONNX export -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert_onnx(tmp_path_factory):
+    student = _kbert()
+    path = export_onnx(student, tmp_path_factory.mktemp("kbert"))
+    return student, path
+
+
+@pytest.fixture(scope="module")
+def kngpt2_onnx(tmp_path_factory):
+    student = _kngpt2(tied=True)
+    path = export_onnx(student, tmp_path_factory.mktemp("kngpt2") / "decoder.onnx")
+    return student, path
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_kronecker_bert_onnx_matches_pytorch(bert_onnx):
+    student, path = bert_onnx
+    assert path.name == "model.onnx"
+    sess = _session(path)
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    for batch, length in ((1, 5), (4, 23)):
+        ids, mask = _ids(batch, length, pad_last=2 if batch > 1 else 0)
+        types = torch.zeros_like(ids)
+        out = sess.run(None, dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=types.numpy()))
+        ref = student(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        _close(out[0], ref.detach(), 1e-4)
+
+
+def test_onnx_graph_keeps_the_factors(bert_onnx, tmp_path):
+    student, path = bert_onnx
+    check_factored_graph(path, student)  # no constant or static tensor of a full matrix's size
+    graph = onnx.load(str(path))
+    stored = sum(int(np.prod(t.dims)) for t in graph.graph.initializer)
+    assert stored <= 1.02 * sum(p.numel() for p in student.parameters())
+    # the check can fail: the merged dense model's graph holds the full matrices
+    dense_path = export_onnx(merge_to_dense(student), tmp_path / "dense.onnx")
+    with pytest.raises(AssertionError, match="full matrix"):
+        check_factored_graph(dense_path, student)
+
+
+def test_kngpt2_onnx_with_past_matches_pytorch_and_generates_greedily(kngpt2_onnx):
+    student, path = kngpt2_onnx
+    check_factored_graph(path, student)
+    sess = _session(path)
+    names = [i.name for i in sess.get_inputs()]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [o.name for o in sess.get_outputs()][:2] == ["logits", "present.0.key"]
+    cfg = student.config
+    layers, heads, head_dim = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
+    past_names = names[3:]
+    # two shapes, empty past
+    for batch, length in ((1, 6), (3, 11)):
+        ids, _ = _ids(batch, length)
+        feeds = dict(input_ids=ids.numpy(), attention_mask=np.ones((batch, length), np.int64),
+                     position_ids=np.tile(np.arange(length), (batch, 1)),
+                     **{n: np.zeros((batch, heads, 0, head_dim), np.float32) for n in past_names})
+        _close(sess.run(None, feeds)[0], student(ids).logits.detach(), 1e-4)
+    # greedy generation of 20 tokens through the cache, batch 1
+    prompt, _ = _ids(1, 5)
+    expected = student.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 5:].tolist()
+    past = {n: np.zeros((1, heads, 0, head_dim), np.float32) for n in past_names}
+    current, seen, generated = prompt.numpy(), 0, []
+    for _ in range(20):
+        length = current.shape[1]
+        outs = sess.run(None, dict(input_ids=current, attention_mask=np.ones((1, seen + length), np.int64),
+                                   position_ids=np.arange(seen, seen + length)[None], **past))
+        token = int(outs[0][0, -1].argmax())
+        generated.append(token)
+        past = dict(zip(past_names, outs[1:]))
+        assert past[past_names[0]].shape == (1, heads, seen + length, head_dim)
+        seen, current = seen + length, np.array([[token]])
+    assert generated == expected
+    assert len(past_names) == 2 * layers
+
+
+def test_export_of_an_optimised_model_takes_the_plain_path(tmp_path):
+    student = K.optimize_for_inference(_kbert(preset="kroneckerbert21"))  # native kernel where available
+    before = [(type(m).__name__, getattr(m, "order", None)) for m in student.modules()]
+    path = export_onnx(student, tmp_path / "m.onnx")
+    assert [(type(m).__name__, getattr(m, "order", None)) for m in student.modules()] == before  # restored
+    assert not any(n.domain.startswith("kn_transformers") for n in onnx.load(str(path)).graph.node)
+    ids, mask = _ids(2, 9)
+    types = torch.zeros_like(ids)
+    out = _session(path).run(None, dict(input_ids=ids.numpy(), attention_mask=mask.numpy(),
+                                        token_type_ids=types.numpy()))[0]
+    _close(out, student(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.detach(), 1e-4)
+
+
+def test_int8_quantisation_is_smaller_and_close(bert_onnx, tmp_path):
+    student, path = bert_onnx
+    q = quantize_onnx(path, tmp_path / "q.onnx")
+    assert q.stat().st_size < path.stat().st_size
+    ids, mask = _ids(4, 16)
+    feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=np.zeros_like(ids.numpy()))
+    fp32, int8 = _session(path).run(None, feeds)[0], _session(q).run(None, feeds)[0]
+    assert np.abs(int8 - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3  # int8 weights: close, not equal
+
+
+def test_export_bad_input(tmp_path):
+    student = _kbert()
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                                   vocab_size=50, max_position_embeddings=32, word_embed_proj_dim=16))
+    with pytest.raises(ValueError, match="export_onnx knows the architectures .* not 'opt'"):
+        export_onnx(opt, tmp_path / "opt.onnx")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="choose a writable folder"):
+        export_onnx(student, blocker / "sub" / "m.onnx")
+    with pytest.raises(ValueError, match=r"opset must be an integer in \[18, "):
+        export_onnx(student, tmp_path / "m.onnx", opset=11)
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        quantize_onnx(tmp_path / "missing.onnx")
+
+
+def test_cli_export_dense_and_onnx(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from kn_transformers.cli import main
+
+    student = _kbert()
+    student.save_pretrained(tmp_path / "student")
+    assert main(["export", str(tmp_path / "student"), str(tmp_path / "dense"), "--format", "dense"]) == 0
+    dense = AutoModelForSequenceClassification.from_pretrained(tmp_path / "dense").eval()
+    assert type(dense) is BertForSequenceClassification
+    ids, mask = _ids(2, 6)
+    _close(dense(ids, attention_mask=mask).logits, student(ids, attention_mask=mask).logits, 1e-5)
+
+    assert main(["export", str(tmp_path / "student"), str(tmp_path / "onnx"), "--format", "onnx",
+                 "--quantize", "int8"]) == 0
+    assert (tmp_path / "onnx" / "model.onnx").is_file() and (tmp_path / "onnx" / "model.int8.onnx").is_file()
+    assert (tmp_path / "onnx" / "config.json").is_file()
+    assert "int8:" in capsys.readouterr().out
+
+    assert main(["export", str(tmp_path / "student"), str(tmp_path / "x"), "--format", "dense",
+                 "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quantize int8 applies to --format onnx" in err[0]
