@@ -594,6 +594,52 @@ def speed_section(results_dir: str) -> list[str]:
     return doc
 
 
+ONNX_COMMAND = ("HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/bench_onnx.py --threads 2 "
+                "--json benchmarks/results/speed_onnx.json")
+
+
+def onnx_section(d: Optional[dict]) -> list[str]:
+    """Serving: PyTorch vs ONNX Runtime fp32 / int8 latency, and what int8 costs in accuracy (issue #17)."""
+    doc = ["### Serving: PyTorch vs ONNX Runtime fp32 and int8", ""]
+    if d is None:
+        return doc + [f"_Not run yet: `{ONNX_COMMAND}`._", ""]
+    doc += ["```bash", d.get("command_line", ONNX_COMMAND), "```", "",
+            f"{d['cpu']}, {d['threads']} threads, torch {d['torch']}, onnxruntime {d['onnxruntime']}; median of "
+            f"{d['repeats']} calls per round, median over {d['rounds']} rounds run in alternation; sequence "
+            f"classification, every token real (no padding). Speed-up = BERT-base's time / the model's time in "
+            f"the same engine. ONNX graphs from `export_onnx` (factored: two contractions per Kronecker layer); "
+            f"int8 = `quantize_onnx` (ONNX Runtime dynamic quantisation); PyTorch runs Kronecker models after "
+            f"`optimize_for_inference`. Run time {d['minutes']:.1f} min.", "",
+            "| model | params | ONNX fp32 / int8 MiB | batch × tokens | PyTorch ms | ORT fp32 ms | ORT int8 ms | "
+            "speed-up PyTorch | speed-up ORT fp32 | speed-up ORT int8 |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        doc.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['bytes_fp32'] / 2**20:.1f} / "
+                   f"{r['bytes_int8'] / 2**20:.1f} | {r['batch']} × {r['tokens']} | {1e3 * r['pytorch_s']:.1f} | "
+                   f"{1e3 * r['ort-fp32_s']:.1f} | {1e3 * r['ort-int8_s']:.1f} | "
+                   f"{r['pytorch_speedup_vs_bert_base']:.2f}x | {r['ort-fp32_speedup_vs_bert_base']:.2f}x | "
+                   f"{r['ort-int8_speedup_vs_bert_base']:.2f}x |")
+    doc += ["", "Targets, checked by `make_results.py` on these numbers:", "",
+            "| target | needed | measured | |", "|---|---|---|---|"]
+    for r in d["rows"]:
+        need = {"kroneckerbert8": 2.5, "kroneckerbert21": 4.0}.get(r["model"])
+        if need:
+            x = r["ort-fp32_speedup_vs_bert_base"]
+            doc.append(f"| {r['model']} vs BERT-base, both ONNX Runtime fp32, {r['batch']} × {r['tokens']} | "
+                       f"≥ {need}x | {x:.2f}x | {_verdict(x >= need)} |")
+    acc = d.get("int8_accuracy")
+    if acc:
+        cost = acc["ort-fp32_accuracy"] - acc["ort-int8_accuracy"]
+        doc.append(f"| int8 costs at most 1 point of SST-2 dev accuracy (demo student) | ≤ 0.010 | {cost:+.4f} | "
+                   f"{_verdict(cost <= 0.010)} |")
+        doc += ["", f"int8 accuracy check: the demo's SST-2 student ({acc['student']}), {acc['dev_rows']} dev "
+                f"sentences: PyTorch {acc['pytorch_accuracy']:.4f}, ONNX Runtime fp32 {acc['ort-fp32_accuracy']:.4f}, "
+                f"int8 {acc['ort-int8_accuracy']:.4f}; int8 and fp32 predict the same class for "
+                f"{100 * acc['int8_agreement_with_fp32']:.1f}% of the sentences; ONNX file "
+                f"{acc['bytes_fp32'] / 2**20:.1f} MiB fp32, {acc['bytes_int8'] / 2**20:.1f} MiB int8."]
+    return doc + [""]
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     _DOC_DIR[0] = os.path.dirname(os.path.abspath(args.output))
@@ -614,6 +660,7 @@ def main(argv=None) -> str:
            "`benchmarks/README.md` lists every command with its run time.", "",
            "## Speed and memory", ""]
     doc += speed_section(args.results_dir)
+    doc += onnx_section(load(os.path.join(args.results_dir, "speed_onnx.json")))
     if abls:
         doc += ablation_section(abls[0][1], charts[abls[0][0]])
         for n, a in abls[1:]:
