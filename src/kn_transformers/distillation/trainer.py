@@ -9,7 +9,8 @@ over the embedding output, the mapped layers' hidden states, attention (KL betwe
 distributions or MSE on pre-softmax scores), FFN outputs, soft labels (logits) and hard
 labels (the student's own loss); see :mod:`.losses`. The presets in :mod:`.arguments` set how
 the terms are scaled (raw and summed over the mapped layers as in the papers, or ``"balanced"``:
-relative to the teacher, averaged over layers, intermediate terms fading out).
+relative to the teacher, averaged over layers, and ``intermediate_schedule`` deciding when the
+intermediate terms count: always, fading linearly, or the first half of training only).
 Each term is logged raw (before its weight) at every logging step, for training and evaluation
 (``loss_hidden``, ``eval_loss_hidden``, ...).
 """

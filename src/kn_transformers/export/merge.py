@@ -10,16 +10,12 @@ wherever transformers does.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from ..kronecker import KroneckerEmbedding, KroneckerLinear
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["merge_to_dense", "dense_class_of"]
 
@@ -56,7 +52,7 @@ def _dense_config(model: PreTrainedModel, dense_cls: type[PreTrainedModel]):
 
 
 def _merged_state_dict(model: nn.Module, dense: nn.Module) -> dict[str, torch.Tensor]:
-    """The dense model's state dict computed from ``model``: Kronecker modules as dense weights
+    """(Called under ``no_grad``.) The dense model's state dict computed from ``model``: Kronecker modules as dense weights
     in the layout of the dense module at the same name, everything else as is."""
     state = {}
     kronecker_names = set()
@@ -64,8 +60,7 @@ def _merged_state_dict(model: nn.Module, dense: nn.Module) -> dict[str, torch.Te
         if not isinstance(module, (KroneckerLinear, KroneckerEmbedding)):
             continue
         kronecker_names.add(name)
-        with torch.no_grad():
-            weight = module.weight.detach()  # (out, in) / (vocab, dim), padded rows dropped
+        weight = module.weight.detach()  # (out, in) / (vocab, dim), padded rows dropped
         target = dense.get_submodule(name)
         if isinstance(module, KroneckerLinear) and type(target).__name__ == "Conv1D":
             weight = weight.T  # Conv1D stores in × out
@@ -78,8 +73,7 @@ def _merged_state_dict(model: nn.Module, dense: nn.Module) -> dict[str, torch.Te
         if isinstance(module, KroneckerLinear) and module.bias is not None:
             state[f"{name}.bias"] = module.bias.detach()
     for key, value in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in kronecker_names:
+        if key.rpartition(".")[0] in kronecker_names:
             continue  # A, B (and bias, taken above)
         state[key] = value.detach()
     return state
@@ -109,8 +103,10 @@ def merge_to_dense(model: PreTrainedModel) -> PreTrainedModel:
     if result.unexpected_keys:
         raise ValueError(f"merge_to_dense: {dense_cls.__name__} has no parameter {result.unexpected_keys[0]!r}")
     dense.tie_weights()
-    tied = {n for n, _ in dense.named_parameters()}  # named_parameters lists a tied tensor once
-    untouched = [k for k in result.missing_keys if k in tied and k not in state]
+    # a tied alias (lm_head.weight) is missing from ``state`` by design; named_parameters lists
+    # only the tensor's first name, so a missing key among those is a weight nothing provided
+    owners = {n for n, _ in dense.named_parameters()}
+    untouched = [k for k in result.missing_keys if k in owners and k not in state]
     if untouched:
         raise ValueError(f"merge_to_dense: {type(model).__name__} has no value for {untouched[0]!r}")
     dense.train(model.training)

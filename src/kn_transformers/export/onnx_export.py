@@ -19,6 +19,7 @@ sequence axes are dynamic.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -44,7 +45,8 @@ ONNX_ARCHITECTURES = {"gpt2": "causal", "bert": "encoder"}
 MIN_OPSET = 18
 
 
-def _architecture(model: PreTrainedModel) -> tuple[str, str]:
+def _export_kind(model: PreTrainedModel) -> str:
+    """``ONNX_ARCHITECTURES``' entry for the model's dense architecture, or a one-line error."""
     dense_cls = type(model) if type(model).__module__.startswith("transformers.models.") else dense_class_of(model)
     model_type = dense_cls.config_class.model_type
     kind = ONNX_ARCHITECTURES.get(model_type)
@@ -53,7 +55,7 @@ def _architecture(model: PreTrainedModel) -> tuple[str, str]:
             f"export_onnx knows the architectures {sorted(ONNX_ARCHITECTURES)}, not {model_type!r} "
             f"({type(model).__name__}); export merge_to_dense(model) with Optimum instead"
         )
-    return model_type, kind
+    return kind
 
 
 def _check_output_path(path: Union[str, os.PathLike]) -> Path:
@@ -84,9 +86,8 @@ def _plain_torch_path(model: nn.Module):
     """During export: layers prepared with ``optimize_for_inference`` use the plain contraction (the
     native kernel is not an ONNX op), every Kronecker layer the flat-matmul order
     (``flat_contraction_order``), attention transformers' eager implementation; all restored after."""
-    from ..inference import OptimizedKroneckerLinear
-
     from ..contraction import flat_contraction_order
+    from ..inference import OptimizedKroneckerLinear
 
     swapped = [m for m in model.modules() if isinstance(m, OptimizedKroneckerLinear)]
     layers = [m for m in model.modules() if isinstance(m, KroneckerLinear)]
@@ -196,7 +197,7 @@ def export_onnx(
         raise ImportError("export_onnx needs onnx and onnxscript: pip install 'kn-transformers[export]'") from None
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"export_onnx expects a transformers PreTrainedModel, got {type(model).__name__}")
-    _, kind = _architecture(model)
+    kind = _export_kind(model)
     path = _check_output_path(path)
     opset = _check_opset(opset)
     batch = torch.export.Dim("batch")
@@ -266,8 +267,6 @@ def check_factored_graph(onnx_model, model: nn.Module) -> None:
     or the ``vocab × dim`` table) beyond the dense parameters of that shape: the export must keep
     the factors.
     ``onnx_model``: an ``onnx.ModelProto`` or a path."""
-    import collections
-
     import onnx
 
     if not isinstance(onnx_model, onnx.ModelProto):
