@@ -22,6 +22,7 @@ from .convert_bert import PRESETS as KRONECKER_BERT_PRESETS
 from .convert_bert import KroneckerBertPreset, kronecker_bert_config, kronecker_bert_from_bert
 from .convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2
 from .distillation import DISTILLATION_PRESETS, DistillationArguments, ILKDTrainer
+from .core import KroneckerConfig, kroneckerize
 from .contraction import KRONECKER_ORDERS, contraction_order, kronecker_matmul
 from .export import export_onnx, merge_to_dense
 from .factor_search import FactorChoice, choose_kronecker_factors, kronecker_factor_choices
@@ -68,6 +69,7 @@ __all__ = [
     "KroneckerBertModel",
     "KroneckerBertPreTrainedModel",
     "KroneckerBertPreset",
+    "KroneckerConfig",
     "KroneckerEmbedding",
     "KroneckerLinear",
     "ModuleReport",
@@ -80,6 +82,7 @@ __all__ = [
     "kronecker_bert_config",
     "kronecker_bert_from_bert",
     "kronecker_factor_choices",
+    "kroneckerize",
     "kronecker_flops",
     "kronecker_matmul",
     "kronecker_to_dense",

@@ -29,7 +29,7 @@ from transformers import (
 
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
 from .conversion import CompressionReport, check_layer_indices, count_parameters, decompose_module, replace_module
-from .factor_search import choose_kronecker_factors
+from .factor_search import choose_embedding_factors, choose_kronecker_factors
 from .kronecker import KroneckerEmbedding
 from .loading import check_model_name_or_path
 from .modeling_kronecker_bert import (
@@ -155,13 +155,9 @@ _ARCHITECTURE_FIELDS = {
 
 
 def _embedding_factors(config, target_fraction: float, rank: int) -> dict:
-    """The paper's embedding split ``A: V × d/n, B: 1 × n`` with the smallest ``n`` (divisor of
-    ``d``) whose parameters fit ``target_fraction`` of ``V·d``."""
-    V, d = config.vocab_size, config.hidden_size
-    for n in range(2, d + 1):
-        if d % n == 0 and rank * (V * d // n + n) <= target_fraction * V * d:
-            return {"a_shape": [V, d // n], "rank": rank}
-    raise ValueError(f"no embedding split V x d/n fits target_fraction={target_fraction}; raise target_fraction")
+    """The paper's embedding split ``A: V × d/n, B: 1 × n`` (see :func:`choose_embedding_factors`)."""
+    a_shape = choose_embedding_factors(config.vocab_size, config.hidden_size, target_fraction, rank)
+    return {"a_shape": list(a_shape), "rank": rank}
 
 
 def _target_fraction_factors(config, target_fraction: float, rank: int, layers) -> dict:

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 from .kronecker_math import kronecker_flops
 
-__all__ = ["FactorChoice", "kronecker_factor_choices", "choose_kronecker_factors"]
+__all__ = ["FactorChoice", "kronecker_factor_choices", "choose_kronecker_factors", "choose_embedding_factors"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +84,21 @@ def choose_kronecker_factors(
         )
     target = target_fraction * out_features * in_features
     return min(choices, key=lambda c: (round(abs(math.log(c.params / target)), 9), c.flops, c.a_shape, c.rank))
+
+
+def choose_embedding_factors(num_embeddings: int, embedding_dim: int, target_fraction: float, rank: int = 1) -> tuple[int, int]:
+    """The papers' embedding split for a parameter fraction: ``A`` is ``V × d/n``, ``B`` is ``1 × n``,
+    with the smallest ``n`` (a divisor of ``d``, at least 2) whose parameters fit ``target_fraction`` of ``V·d``.
+
+    Returns ``a_shape = (V, d/n)``. Each row is then a fixed ``n``-vector pattern scaled per
+    ``d/n`` slot, which keeps token identity (every row has its own ``A`` row).
+    """
+    if not 0 < target_fraction < 1:
+        raise ValueError(f"target_fraction must be in (0, 1), got {target_fraction}")
+    V, d = num_embeddings, embedding_dim
+    for n in range(2, d + 1):
+        if d % n == 0 and rank * (V * d // n + n) <= target_fraction * V * d:
+            return (V, d // n)
+    raise ValueError(
+        f"no embedding split {V} x {d}/n fits fraction={target_fraction} at rank {rank}; raise the fraction"
+    )

@@ -1,0 +1,147 @@
+"""The module table: which dense module types become which Kronecker layer (PEFT's dispatcher pattern).
+
+One :class:`KroneckerDispatch` per dense type: how to read its ``(out, in)`` matrix, how to build
+an empty Kronecker layer of the same shape (on the meta device when loading) and how to build one
+from the dense weights. Lookup walks the module's MRO, so subclasses of ``nn.Embedding`` (OPT's
+learned positions, Gemma's scaled embedding) find an entry; a type with a more specific entry
+(Gemma's) gets that one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..kronecker import KroneckerEmbedding, KroneckerLinear
+
+__all__ = ["KroneckerDispatch", "KRONECKER_DISPATCH", "ScaledKroneckerEmbedding", "TiedKroneckerHead",
+           "dispatch_for", "dense_matrix"]
+
+
+class ScaledKroneckerEmbedding(KroneckerEmbedding):
+    """A Kronecker embedding whose rows are multiplied by a constant, as Gemma's scaled embedding
+    (``embed_scale = √d``; the tied head reads the unscaled table).
+
+    The scale is a Python float rounded to the factors' dtype at each call, as Gemma rounds its
+    buffer; not a buffer here, so that a layer built on the meta device needs no init.
+    """
+
+    def __init__(self, *args, embed_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scalar_embed_scale = float(embed_scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scalar_embed_scale, dtype=self.A.dtype, device=self.A.device)
+        return super().forward(input_ids) * scale
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", embed_scale={self.scalar_embed_scale:g}"
+
+
+class TiedKroneckerHead(nn.Module):
+    """An output head tied to a :class:`KroneckerEmbedding`: ``(..., d) -> (..., V)`` through
+    :meth:`KroneckerEmbedding.logits`, no ``V × d`` matrix. The embedding is referenced, not owned:
+    the head has no parameters and no state-dict entries of its own."""
+
+    def __init__(self, embedding: KroneckerEmbedding, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule: one owner per parameter
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    @property
+    def embedding(self) -> KroneckerEmbedding:
+        return self._embedding
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self._embedding.logits(hidden_states)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to a KroneckerEmbedding"
+
+
+@dataclass(frozen=True)
+class KroneckerDispatch:
+    """How one dense module type maps to a Kronecker layer.
+
+    kind: ``"linear"`` (``(out, in)`` weight, ``y = x Wᵀ + b``) or ``"embedding"`` (``(V, d)`` table).
+    shape: the dense matrix's shape, in that layout.
+    build: ``(dense, a_shape, rank) -> layer`` with the dense module's shape, bias, device and
+        dtype, factors uninitialised (``torch.empty``) — filled by a decomposition or a checkpoint.
+    weight: the dense matrix in that layout (``Conv1D`` stores in × out).
+    """
+
+    kind: str
+    shape: Callable[[nn.Module], tuple[int, int]]
+    build: Callable[[nn.Module, tuple[int, int], int], nn.Module]
+    weight: Callable[[nn.Module], torch.Tensor]
+
+
+def _factory(module: nn.Module) -> dict:
+    w = module.weight
+    return {"device": w.device, "dtype": w.dtype}
+
+
+def _build_linear(dense: nn.Linear, a_shape, rank) -> KroneckerLinear:
+    return KroneckerLinear(dense.in_features, dense.out_features, a_shape, rank=rank,
+                           bias=dense.bias is not None, **_factory(dense))
+
+
+def _build_conv1d(dense: Conv1D, a_shape, rank) -> KroneckerLinear:
+    return KroneckerLinear(dense.nx, dense.nf, a_shape, rank=rank, bias=dense.bias is not None, **_factory(dense))
+
+
+def _build_embedding(dense: nn.Embedding, a_shape, rank) -> KroneckerEmbedding:
+    # no padding_idx: nn.Embedding only freezes that row's gradient; a shared Kronecker table cannot
+    # without zeroing the row's output, i.e. computing another function than the teacher
+    return KroneckerEmbedding(dense.num_embeddings, dense.embedding_dim, a_shape, rank=rank, **_factory(dense))
+
+
+def _build_scaled_embedding(dense: nn.Embedding, a_shape, rank) -> ScaledKroneckerEmbedding:
+    # the teacher's buffer value where it has one (it may be rounded to float32), else the exact scale
+    buffer = getattr(dense, "embed_scale", None)
+    scale = float(buffer) if isinstance(buffer, torch.Tensor) and not buffer.is_meta else dense.scalar_embed_scale
+    return ScaledKroneckerEmbedding(dense.num_embeddings, dense.embedding_dim, a_shape, rank=rank,
+                                    embed_scale=float(scale), **_factory(dense))
+
+
+_LINEAR = KroneckerDispatch("linear", lambda m: (m.out_features, m.in_features), _build_linear, lambda m: m.weight)
+_CONV1D = KroneckerDispatch("linear", lambda m: (m.nf, m.nx), _build_conv1d, lambda m: m.weight.T)
+_EMBEDDING = KroneckerDispatch("embedding", lambda m: (m.num_embeddings, m.embedding_dim), _build_embedding,
+                               lambda m: m.weight)
+_SCALED_EMBEDDING = KroneckerDispatch("embedding", _EMBEDDING.shape, _build_scaled_embedding, lambda m: m.weight)
+
+#: Dense module type (or its class name, for types whose module may not import) -> dispatch.
+KRONECKER_DISPATCH: dict = {
+    nn.Linear: _LINEAR,
+    Conv1D: _CONV1D,
+    nn.Embedding: _EMBEDDING,
+    # Gemma's (and Gemma 2/3's) `embed_tokens`: rows times √d, a non-persistent buffer
+    "GemmaTextScaledWordEmbedding": _SCALED_EMBEDDING,
+    "Gemma2TextScaledWordEmbedding": _SCALED_EMBEDDING,
+    "Gemma3TextScaledWordEmbedding": _SCALED_EMBEDDING,
+}
+
+
+def dispatch_for(module: nn.Module) -> Optional[KroneckerDispatch]:
+    """The table entry of ``module``'s type (most specific class first), or ``None``."""
+    if isinstance(module, (KroneckerLinear, KroneckerEmbedding, TiedKroneckerHead)):
+        return None
+    for cls in type(module).__mro__:
+        entry = KRONECKER_DISPATCH.get(cls) or KRONECKER_DISPATCH.get(cls.__name__)
+        if entry is not None:
+            return entry
+    return None
+
+
+def dense_matrix(module: nn.Module) -> torch.Tensor:
+    """The dense matrix of a table module, ``(out, in)`` or ``(V, d)``."""
+    entry = dispatch_for(module)
+    if entry is None:
+        raise TypeError(f"{type(module).__name__} is not in the Kronecker module table")
+    return entry.weight(module)

@@ -1,0 +1,215 @@
+"""The Kronecker core on every architecture it claims: kroneckerize, save/load through the Auto
+classes, generation with the cache, bad input. Tiny random configs of transformers' own classes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import kn_transformers as kt
+from kn_transformers.core import TiedKroneckerHead
+
+sys.path.insert(0, os.path.dirname(__file__))
+from architectures import ARCHITECTURES  # noqa: E402
+
+EXACT = dict(target_modules="all-linear", embedding=True, a_shape=[2, 2], rank=4)  # rank 4 = full rank of the split
+
+
+def _teacher(name, dtype=torch.float32):
+    config, auto, causal = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    return getattr(transformers, auto).from_config(config).eval().to(dtype), getattr(transformers, auto), causal
+
+
+def _ids(batch=2, length=9, seed=1):
+    return torch.randint(3, 98, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _kronecker_modules(model):
+    return [m for m in model.modules() if isinstance(m, (kt.KroneckerLinear, kt.KroneckerEmbedding))]
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_exact_split_matches_dense(name, dtype, tol):
+    """A split and rank that represent every weight exactly give the dense model's logits."""
+    teacher, _, _ = _teacher(name, dtype)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = kt.kroneckerize(teacher, kt.KroneckerConfig(**EXACT), progress=False)
+    ids = _ids()
+    assert _rel(student(ids).logits, teacher(ids).logits) < tol
+    linears = [n for n, m in teacher.named_modules() if isinstance(m, (nn.Linear, transformers.pytorch_utils.Conv1D))]
+    replaced = {r.name for r in student.compression_report.modules}
+    head = [n for n, m in teacher.named_modules() if m is teacher.get_output_embeddings()]
+    assert replaced == set(n for n in linears if n not in head and n.startswith(teacher.base_model_prefix)) | {
+        n for n, m in teacher.named_modules() if m is teacher.get_input_embeddings()}
+    assert all(r.rel_error < 1e-5 for r in student.compression_report.modules)
+    # the teacher is untouched
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not _kronecker_modules(teacher)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_save_and_auto_load_bit_identical(name, tmp_path):
+    teacher, auto, _ = _teacher(name)
+    student = kt.kroneckerize(teacher, kt.KroneckerConfig(target_modules="all-linear", embedding=True, fraction=0.3),
+                              progress=False)
+    student.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == teacher.config.model_type
+    assert saved["quantization_config"]["quant_method"] == "kn-transformers"
+    loaded = auto.from_pretrained(tmp_path)
+    assert type(loaded) is type(student)
+    ids = _ids()
+    assert torch.equal(loaded(ids).logits, student(ids).logits)
+    kinds = lambda m: [(n, type(x).__name__) for n, x in m.named_modules()]  # noqa: E731
+    assert kinds(loaded) == kinds(student)
+    assert len(_kronecker_modules(loaded)) == len(student.compression_report.modules)
+    assert kt.conversion.count_parameters(loaded) == student.compression_report.total_params_after
+    assert student.compression_report.total_params_after < student.compression_report.total_params_before
+    # dtype= and device_map= are transformers' own
+    wide = auto.from_pretrained(tmp_path, dtype=torch.float64, device_map="cpu")
+    assert all(p.dtype == torch.float64 for p in wide.parameters())
+    assert _rel(wide(ids).logits.float(), student(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("name", [n for n, (_, _, causal) in ARCHITECTURES.items() if causal])
+def test_generate_with_and_without_cache(name, tmp_path):
+    teacher, auto, _ = _teacher(name)
+    student = kt.kroneckerize(teacher, kt.KroneckerConfig(target_modules="all-linear", embedding=True, fraction=0.3),
+                              progress=False)
+    student.save_pretrained(tmp_path)
+    model = auto.from_pretrained(tmp_path)
+    pad = model.config.pad_token_id
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    one = _ids(1, 6)
+    a = model.generate(one, attention_mask=torch.ones_like(one), use_cache=True, **kwargs)
+    b = model.generate(one, attention_mask=torch.ones_like(one), use_cache=False, **kwargs)
+    assert a.shape == (1, 26) and torch.equal(a, b)
+    two = _ids(2, 6, seed=2)
+    mask = torch.ones_like(two)
+    two[0, :2], mask[0, :2] = pad, 0  # left padding
+    a = model.generate(two, attention_mask=mask, use_cache=True, **kwargs)
+    b = model.generate(two, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(a, b)
+    # the padded row generates what it generates alone
+    alone = model.generate(two[:1, 2:], attention_mask=mask[:1, 2:], use_cache=True, **kwargs)
+    assert torch.equal(a[0, 6:], alone[0, 4:])
+
+
+def test_tied_head_factored_or_dense():
+    teacher, _, _ = _teacher("gpt2")
+    ids = _ids()
+    factored = kt.kroneckerize(teacher, kt.KroneckerConfig(target_modules=None, embedding=True, a_shape=[2, 2], rank=4),
+                               progress=False)
+    assert isinstance(factored.lm_head, TiedKroneckerHead)
+    assert "lm_head.weight" not in factored.state_dict()
+    dense = kt.kroneckerize(teacher, kt.KroneckerConfig(target_modules=None, embedding=True, a_shape=[2, 1],
+                                                        tied_head="dense"), progress=False)
+    assert isinstance(dense.lm_head, nn.Linear) and not dense.config.tie_word_embeddings
+    assert torch.equal(dense.lm_head.weight, teacher.lm_head.weight)
+    for student in (factored, dense):
+        assert _rel(student(ids).logits, teacher(ids).logits) < (1e-5 if student is factored else 10)
+
+
+def test_targeting_rules():
+    teacher, _, _ = _teacher("llama")
+    cfg = kt.KroneckerConfig(target_modules=["q_proj", "down_proj"], exclude_modules=r".*layers\.0\.self_attn.*",
+                             layers=[0, 1], fraction=0.25, rank_pattern={"down_proj": 2},
+                             shape_pattern={"q_proj": [4, 4]})
+    modules = kt.core.resolve_modules(teacher, cfg)
+    assert list(modules) == ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+                             "model.layers.1.mlp.down_proj"]
+    assert modules["model.layers.1.self_attn.q_proj"]["a_shape"] == [4, 4]
+    assert modules["model.layers.0.mlp.down_proj"]["rank"] == 2
+    only = kt.core.resolve_modules(teacher, kt.KroneckerConfig(target_modules=r".*\.mlp\..*", layers=1, fraction=0.25))
+    assert list(only) == [f"model.layers.1.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = kt.KroneckerConfig(target_modules=["q_proj"], fraction=0.1, rank=2, rank_pattern={"q": 3})
+    path = tmp_path / "k.json"
+    cfg.to_json_file(path)
+    assert kt.KroneckerConfig.from_json_file(path) == cfg
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(target_modules=["q_prj"], fraction=0.25), r"target_modules \['q_prj'\] match no module"),
+    (dict(target_modules=r"nothing\..*", fraction=0.25), "matches no module"),
+    (dict(target_modules=["self_attn"], fraction=0.25), "LlamaAttention, which the Kronecker module table does not know"),
+    (dict(target_modules=["input_layernorm"], fraction=0.25), "LlamaRMSNorm, which the Kronecker module table"),
+    (dict(target_modules=["q_proj"], a_shape=[3, 2]), r"does not divide module 'model.layers.0.self_attn.q_proj' of \(out, in\) shape \(32, 32\)"),
+    (dict(target_modules=["q_proj"], fraction=0.25, layers=[5]), r"layers \[5\] do not exist"),
+    (dict(target_modules=["q_proj"], a_shape=[2, 2], rank=9), "rank 9 is too large"),
+])
+def test_bad_targets(kwargs, match):
+    teacher, _, _ = _teacher("llama")
+    with pytest.raises(ValueError, match=match):
+        kt.kroneckerize(teacher, kt.KroneckerConfig(**kwargs), progress=False)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(a_shape=[2, 2], fraction=0.5), "exactly one of a_shape"),
+    (dict(), "exactly one of a_shape"),
+    (dict(fraction=1.5), r"fraction must be a number in \(0, 1\)"),
+    (dict(fraction=0.5, init="lsq"), "init must be one of"),
+    (dict(fraction=0.5, tied_head="tied"), "tied_head must be one of"),
+    (dict(fraction=0.5, target_modules=7), "target_modules must be"),
+    (dict(fraction=0.5, target_modules="(["), "not a valid regular expression"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kt.KroneckerConfig(**kwargs)
+
+
+def test_already_compressed_is_refused():
+    teacher, _, _ = _teacher("llama")
+    student = kt.kroneckerize(teacher, kt.KroneckerConfig(fraction=0.25), progress=False)
+    with pytest.raises(ValueError, match="already compressed"):
+        kt.kroneckerize(student, kt.KroneckerConfig(fraction=0.25), progress=False)
+
+
+def _saved(tmp_path, name="llama"):
+    teacher, auto, _ = _teacher(name)
+    student = kt.kroneckerize(teacher, kt.KroneckerConfig(fraction=0.25, embedding=True), progress=False)
+    student.save_pretrained(tmp_path)
+    return auto, json.loads((tmp_path / "config.json").read_text())
+
+
+def test_config_that_disagrees_with_weights_is_an_error(tmp_path):
+    auto, config = _saved(tmp_path)
+    name = "model.layers.1.mlp.up_proj"
+    edited = json.loads(json.dumps(config))
+    edited["quantization_config"]["modules"][name]["a_shape"] = [2, 2]
+    (tmp_path / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=f"config.json says {name}.A is"):
+        auto.from_pretrained(tmp_path)
+    edited = json.loads(json.dumps(config))
+    del edited["quantization_config"]["modules"][name]
+    (tmp_path / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=f"factors for '{name}', which config.json"):
+        auto.from_pretrained(tmp_path)
+
+
+def test_loading_without_the_package_says_what_to_install(tmp_path):
+    _saved(tmp_path)
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'kn_transformers': raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "kn-transformers" in out.stderr + out.stdout, out.stderr[-2000:]
