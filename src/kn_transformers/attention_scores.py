@@ -35,7 +35,15 @@ def eager_attention_with_scores(
     dropout: float = 0.0,
     **kwargs,
 ):
-    """Eager attention; returns ``(attn_output (B, Q, H, D), scores (B, H, Q, K))``."""
+    """Eager attention; returns ``(attn_output (B, Q, H, D), scores (B, H, Q, K))``.
+
+    Grouped-query attention (Llama, Mistral, Qwen2…: fewer key/value heads than query heads)
+    repeats each key/value head over its group, as transformers' eager attention does.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling

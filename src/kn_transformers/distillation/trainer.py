@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 from collections import defaultdict
 from dataclasses import fields
 from typing import Optional
@@ -31,6 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
+from ..architectures import FFN_MODULES, ffn_pattern
 from ..attention_scores import ATTENTION_SCORES_IMPLEMENTATION
 from .arguments import INTERMEDIATE_TERMS, DistillationArguments, parse_layer_map
 from .losses import (
@@ -46,17 +46,16 @@ logger = logging.get_logger(__name__)
 
 PROJECTIONS_ATTR = "ilkd_projections"
 PROJECTIONS_FILE = "ilkd_projections.safetensors"
-# FFN sub-blocks whose output the `ffn` term matches: GPT-2's `h.{i}.mlp` (before the residual
-# add) and BERT's `layer.{i}.output` (dense, dropout, residual add and LayerNorm: the layer output).
-_FFN_PATTERN = re.compile(r"(?:^|\.)(?:h\.(\d+)\.mlp|layer\.(\d+)\.output)$")
 
 
 def _ffn_modules(model: nn.Module) -> list[nn.Module]:
+    """Each block's FFN-output module, in block order (per-model-type table, :mod:`..architectures`)."""
+    pattern = ffn_pattern(getattr(model.config, "model_type", None))
     found = {}
-    for name, module in model.named_modules():
-        m = _FFN_PATTERN.search(name)
+    for name, module in ([] if pattern is None else model.named_modules()):
+        m = pattern.search(name)
         if m:
-            found[int(m.group(1) or m.group(2))] = module
+            found[int(m.group(1))] = module
     return [found[i] for i in sorted(found)]
 
 
@@ -183,7 +182,8 @@ class ILKDTrainer(Trainer):
         if len(modules) != n:
             raise ValueError(
                 f"found {len(modules)} FFN blocks in the {who} ({type(model).__name__}) for {n} layers; "
-                "the ffn term supports GPT-2 and BERT layouts (set ffn_weight=0 otherwise)"
+                f"the ffn term knows the model types in kn_transformers.architectures.FFN_MODULES "
+                f"({', '.join(sorted(FFN_MODULES))}); add an entry or set ffn_weight=0"
             )
         return modules
 
