@@ -147,9 +147,9 @@ def test_config_json_round_trip(tmp_path):
     (dict(target_modules=r"nothing\..*", fraction=0.25), "matches no module"),
     (dict(target_modules=["self_attn"], fraction=0.25), "LlamaAttention, which the Kronecker module table does not know"),
     (dict(target_modules=["input_layernorm"], fraction=0.25), "LlamaRMSNorm, which the Kronecker module table"),
-    (dict(target_modules=["q_proj"], a_shape=[3, 2]), r"does not divide module 'model.layers.0.self_attn.q_proj' of \(out, in\) shape \(32, 32\)"),
+    (dict(target_modules=["q_proj"], a_shape=[3, 2]), r"module 'model.layers.0.self_attn.q_proj': a_shape \[3, 2\] does not divide the \(out, in\) shape \(32, 32\)"),
     (dict(target_modules=["q_proj"], fraction=0.25, layers=[5]), r"layers \[5\] do not exist"),
-    (dict(target_modules=["q_proj"], a_shape=[2, 2], rank=9), "rank 9 is too large"),
+    (dict(target_modules=["q_proj"], a_shape=[2, 2], rank=9), r"rank 9 is not possible for A 2x2 and B 16x16: use 1\.\.4"),
 ])
 def test_bad_targets(kwargs, match):
     teacher, _, _ = _teacher("llama")
@@ -248,3 +248,76 @@ def test_ilkd_on_any_architecture_every_term_falls(name, preset, terms, tmp_path
     assert set(terms) <= set(logged)
     for term in logged:
         assert logs[-1][term] < logs[0][term], (term, [h[term] for h in logs])
+
+
+@pytest.mark.parametrize("family", ["kngpt2", "kronecker-bert"])
+@pytest.mark.parametrize("remote", [False, True])
+def test_paper_model_with_edited_factor_map_is_an_error(family, remote, tmp_path):
+    """A hand-edited config.json without kronecker_factors used to load a different model silently."""
+    if family == "kngpt2":
+        teacher = transformers.GPT2LMHeadModel(ARCHITECTURES["gpt2"][0])
+        student, auto = kt.kngpt2_from_gpt2(teacher, progress=False), transformers.AutoModelForCausalLM
+    else:
+        teacher = transformers.BertModel(ARCHITECTURES["bert"][0])
+        student, auto = kt.kronecker_bert_from_bert(teacher, progress=False), transformers.AutoModel
+    student.save_pretrained(tmp_path)
+    auto.from_pretrained(tmp_path, trust_remote_code=remote)  # as saved: loads
+    saved = (tmp_path / "config.json").read_text()
+    config = json.loads(saved)
+    config.pop("kronecker_factors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="kronecker_factors and the weights disagree"):
+        auto.from_pretrained(tmp_path, trust_remote_code=remote)
+    if family == "kngpt2":  # the other way round: factors listed where the checkpoint holds a dense matrix
+        config = json.loads(saved)
+        assert "h.0.mlp.c_fc" not in config["kronecker_factors"]
+        config["kronecker_factors"]["h.0.mlp.c_fc"] = {"a_shape": [2, 2], "rank": 1}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=r"no factors for modules the config lists \(transformer\.h\.0\.mlp\.c_fc"):
+            auto.from_pretrained(tmp_path, trust_remote_code=remote)
+
+
+def test_real_minilm_all_linear(minilm_path, tmp_path):
+    """The real pretrained MiniLM: an exact split reproduces it; a 25% student round-trips through AutoModel."""
+    teacher = transformers.AutoModel.from_pretrained(minilm_path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    batch = tok(["a gripping, funny film", "the plot never comes together at all"], padding=True,
+                return_tensors="pt")
+    ref = teacher(**batch).last_hidden_state
+    exact = kt.kroneckerize(teacher, kt.KroneckerConfig(target_modules="all-linear", a_shape=[2, 2], rank=4),
+                            progress=False)
+    assert _rel(exact(**batch).last_hidden_state, ref) < 1e-5
+    student = kt.kroneckerize(teacher, kt.KroneckerConfig(target_modules="all-linear", embedding=True, fraction=0.25),
+                              progress=False)
+    report = student.compression_report
+    assert len(report.modules) == 6 * 6 + 1 + 1  # six matrices per layer, the pooler, the embedding
+    assert report.total_params_after < 0.4 * report.total_params_before
+    student.save_pretrained(tmp_path)
+    loaded = transformers.AutoModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded(**batch).last_hidden_state, student(**batch).last_hidden_state)
+
+
+def test_cli_compress_any_model_folder(tmp_path, capsys):
+    from kn_transformers.cli import main
+
+    teacher, auto, _ = _teacher("qwen2")
+    teacher.save_pretrained(tmp_path / "dense")
+    assert main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "k"), "--fraction", "0.25",
+                 "--target_modules", "q_proj,k_proj,v_proj,o_proj", "--rank", "2", "--embedding"]) == 0
+    loaded = auto.from_pretrained(tmp_path / "k")
+    modules = loaded.config.quantization_config.modules
+    assert len(modules) == 2 * 4 + 1 and all(s["rank"] == 2 for s in modules.values())
+    assert isinstance(loaded.model.layers[1].self_attn.o_proj, kt.KroneckerLinear)
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, nn.Linear)
+    card = (tmp_path / "k" / "README.md").read_text()
+    assert "pip install kn-transformers" in card and "pipeline_tag: text-generation" in card
+    assert main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "k2"), "--a_shape", "4,4"]) == 0
+    assert all(s["a_shape"] == [4, 4] for s in auto.from_pretrained(tmp_path / "k2").config.quantization_config
+               .modules.values())
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "k3")]) == 2
+    assert "compresses with --fraction 0.25" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "dense"), "--output_dir", str(tmp_path / "k4"), "--a_shape", "3,2"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert last.startswith("kn-transformers: error: module 'model.layers.0.self_attn.q_proj': a_shape [3, 2] does not "
+                           "divide")

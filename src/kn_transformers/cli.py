@@ -109,23 +109,66 @@ def _run_recipe(module: str, argv: list) -> int:
     return 0
 
 
+def _target_modules(text):
+    """``all-linear``, a comma-separated list of names/suffixes, or a regex (any of ``*+?()[]|^$\\``)."""
+    if text is None or text == "all-linear":
+        return text
+    if any(c in text for c in "*+?()[]|^$\\"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _a_shape(text: str) -> list:
+    try:
+        m1, n1 = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--a_shape takes M1,N1 (e.g. 4,2), got {text!r}") from None
+    return [m1, n1]
+
+
+def _head_of(teacher_path: str) -> str:
+    from transformers import AutoConfig
+
+    archs = " ".join(AutoConfig.from_pretrained(teacher_path, trust_remote_code=True).architectures or [])
+    for key, head in (("SequenceClassification", "sequence-classification"), ("MaskedLM", "masked-lm"),
+                      ("QuestionAnswering", "question-answering"), ("CausalLM", "causal-lm"),
+                      ("LMHeadModel", "causal-lm")):
+        if key in archs:
+            return head
+    return "base"
+
+
 def _cmd_compress(args) -> int:
     import os
 
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from .core import KroneckerConfig, kroneckerize
     from .model_card import create_model_card
     from .recipes.students import convert_to_student, load_model, model_family
 
     args.teacher = check_model_name_or_path(args.teacher, "teacher")
-    family = model_family(args.teacher)
-    head = args.head
-    if head is None:
-        archs = " ".join(AutoConfig.from_pretrained(args.teacher).architectures or [])
-        head = ("sequence-classification" if "SequenceClassification" in archs else "masked-lm" if "MaskedLM" in archs
-                else "causal-lm" if family == "gpt2" else "base")
-    teacher = load_model(args.teacher, head)
-    student = convert_to_student(teacher, args.preset, args.target_fraction, head)
+    generic = any(v is not None for v in (args.target_modules, args.fraction, args.a_shape)) or args.embedding
+    head = args.head or _head_of(args.teacher)
+    if generic:
+        if args.preset is not None or args.target_fraction is not None:
+            raise ValueError("--preset/--target_fraction are the paper presets; with --target_modules, "
+                             "--fraction or --a_shape leave them out")
+        config = KroneckerConfig(target_modules=_target_modules(args.target_modules or "all-linear"),
+                                 exclude_modules=_target_modules(args.exclude_modules), embedding=args.embedding,
+                                 a_shape=args.a_shape, fraction=args.fraction, rank=args.rank)
+        teacher = load_model(args.teacher, head)
+        student = kroneckerize(teacher, config)
+    else:
+        try:
+            family = model_family(args.teacher)
+        except ValueError as err:
+            raise ValueError(f"{err}; any other architecture compresses with --fraction 0.25 "
+                             "(or --a_shape M1,N1), optionally --target_modules") from None
+        if args.head is None and family == "gpt2" and head == "base":
+            head = "causal-lm"  # a bare GPT2Model: KnGPT2 is a language model
+        teacher = load_model(args.teacher, head)
+        student = convert_to_student(teacher, args.preset, args.target_fraction, head)
     student.save_pretrained(args.output_dir)
     try:
         AutoTokenizer.from_pretrained(args.teacher).save_pretrained(args.output_dir)
@@ -260,12 +303,20 @@ def _main(argv: list) -> int:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("compress", help="teacher -> Kronecker student folder plus compression report")
-    p.add_argument("teacher", help="GPT-2 or BERT name or path")
+    p.add_argument("teacher", help="model name or folder (any architecture; GPT-2/BERT also take the paper presets)")
     p.add_argument("--output_dir", required=True)
     p.add_argument("--preset", default=None, help="paper (GPT-2) | kroneckerbert8 | kroneckerbert21 (BERT)")
-    p.add_argument("--target_fraction", type=_fraction, default=None)
+    p.add_argument("--target_fraction", type=_fraction, default=None, help="paper models: per-matrix fraction")
+    p.add_argument("--target_modules", default=None,
+                   help="any model: all-linear (default), a comma-separated list of module names/suffixes, or a regex")
+    p.add_argument("--exclude_modules", default=None, help="names/suffixes or a regex left dense")
+    p.add_argument("--fraction", type=_fraction, default=None, help="any model: per-matrix parameter fraction")
+    p.add_argument("--a_shape", type=_a_shape, default=None, help="any model: M1,N1 of every A factor")
+    p.add_argument("--rank", type=int, default=1, help="Kronecker terms per matrix (with --fraction/--a_shape)")
+    p.add_argument("--embedding", action="store_true", help="also compress the input token embedding")
     p.add_argument("--head", default=None,
-                   help="causal-lm | sequence-classification | masked-lm | base; default: the teacher's")
+                   help="causal-lm | sequence-classification | masked-lm | question-answering | base; "
+                        "default: the teacher's")
     p.set_defaults(func=_cmd_compress)
 
     sub.add_parser("distill", help="stage-1 ILKD on text: the arguments of training/distill_lm.py")

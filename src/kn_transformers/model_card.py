@@ -22,10 +22,21 @@ _METRICS = {
 }
 
 
-def _template(model_type: str) -> str:
-    """The Kronecker model's template; dense models (e.g. a fine-tuned teacher) get a generic one."""
-    name = _TEMPLATES.get(model_type, "generic.md")
+def _template(model_type: str, kroneckerized: bool = False) -> str:
+    """The Kronecker model's template; any architecture compressed by ``kroneckerize`` gets the
+    ``kroneckerized`` one (it says what to install); dense models (a fine-tuned teacher) a generic one."""
+    name = "kroneckerized.md" if kroneckerized else _TEMPLATES.get(model_type, "generic.md")
     return resources.files("kn_transformers.model_cards").joinpath(name).read_text()
+
+
+def _pipeline_tag(model) -> str:
+    name = type(model).__name__
+    for key, tag in (("CausalLM", "text-generation"), ("LMHead", "text-generation"), ("MaskedLM", "fill-mask"),
+                     ("QuestionAnswering", "question-answering"), ("TokenClassification", "token-classification"),
+                     ("SequenceClassification", "text-classification")):
+        if key in name:
+            return tag
+    return "feature-extraction"
 
 
 def eval_results_from_metrics(
@@ -88,10 +99,13 @@ def create_model_card(
         tags=["kn-transformers", "kronecker", "knowledge-distillation", "model-compression", model_type],
         model_name=name,
         eval_results=results or None,
-        pipeline_tag="text-generation" if model_type in ("kngpt2", "gpt2") else "text-classification",
+        pipeline_tag=_pipeline_tag(model),
     )
     ratio = f", {teacher_n / n_params:.2f}x fewer than the teacher's {teacher_n:,}" if teacher_n else ""
-    kron_modules = sorted(getattr(model.config, "kronecker_factors", {}) or {})
+    quantization = getattr(model.config, "quantization_config", None)
+    kroneckerized = getattr(quantization, "quant_method", None) == "kn-transformers"
+    kron_modules = sorted(getattr(model.config, "kronecker_factors", {}) or {}) or sorted(
+        getattr(quantization, "modules", {}) if kroneckerized else {})
     compression_text = (
         f"{n_params:,} parameters{ratio}. Kronecker modules: {len(kron_modules)}"
         + (f" ({', '.join(kron_modules[:6])}{', …' if len(kron_modules) > 6 else ''})." if kron_modules else ".")
@@ -103,7 +117,7 @@ def create_model_card(
         eval_text = "Not evaluated yet."
     return ModelCard.from_template(
         card_data,
-        template_str=_template(model_type),
+        template_str=_template(model_type, kroneckerized),
         model_name=name,
         repo_id=repo_id or "path/to/this/model",
         base_model_text=f"`{base_model}`" if base_model else "a pretrained model",
