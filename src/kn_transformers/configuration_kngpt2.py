@@ -4,14 +4,16 @@ A :class:`KnGPT2Config` is a :class:`~transformers.GPT2Config` plus a map saying
 matrices are Kronecker products ``Σ_r A_r ⊗ B_r`` and with which factor shapes. Everything
 else (sizes, dropout, tokens, attention implementation) means what it means for GPT-2.
 
-This file imports transformers only, so that it can travel next to the modeling file when a
-model is saved with its code (``trust_remote_code``).
+This file imports transformers and the standard-library validator ``factor_spec`` only, so that it
+can travel next to the modeling file when a model is saved with its code (``trust_remote_code``).
 """
 
 import re
 from typing import Any
 
 from transformers import GPT2Config
+
+from .factor_spec import canonical_factor_spec
 
 __all__ = ["KnGPT2Config", "KNGPT2_LAYER_MODULES"]
 
@@ -109,42 +111,8 @@ class KnGPT2Config(GPT2Config):
             field = f"kronecker_factors[{name!r}]"
             if not isinstance(name, str):
                 raise ValueError(f"{field}: keys must be module names (str)")
-            m, n = self.module_shape(name)
-            if not isinstance(spec, dict) or "a_shape" not in spec:
-                raise ValueError(f'{field} must be a dict like {{"a_shape": [m1, n1], "rank": 1}}, got {spec!r}')
-            unknown = set(spec) - {"a_shape", "rank"}
-            if unknown:
-                raise ValueError(f"{field}: unknown keys {sorted(unknown)}; allowed: 'a_shape', 'rank'")
-            a_shape = spec["a_shape"]
-            if (
-                not isinstance(a_shape, (list, tuple))
-                or len(a_shape) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in a_shape)
-            ):
-                raise ValueError(f"{field}.a_shape must be two integers [m1, n1], got {a_shape!r}")
-            m1, n1 = int(a_shape[0]), int(a_shape[1])
-            if name == "wte":
-                if not (1 <= m1 <= m and n1 >= 1 and n % n1 == 0):
-                    raise ValueError(
-                        f"{field}.a_shape {[m1, n1]} does not fit the ({m}, {n}) embedding: "
-                        f"need 1 <= m1 <= {m} and n1 dividing n_embd={n}"
-                    )
-                m2 = -(-m // m1)
-            else:
-                if m1 < 1 or n1 < 1 or m % m1 or n % n1:
-                    raise ValueError(
-                        f"{field}.a_shape {[m1, n1]} does not divide the (out, in) weight shape ({m}, {n}): "
-                        f"m1 must divide {m} and n1 must divide {n}"
-                    )
-                m2 = m // m1
-            n2 = n // n1
-            rank = spec.get("rank", 1)
-            max_rank = min(m1 * n1, m2 * n2)
-            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
-                raise ValueError(
-                    f"{field}.rank {rank!r} is not possible for A {m1}x{n1} and B {m2}x{n2}: use 1..{max_rank}"
-                )
-            out[name] = {"a_shape": [m1, n1], "rank": rank}
+            kind = "embedding" if name == "wte" else "linear"
+            out[name] = canonical_factor_spec(spec, self.module_shape(name), kind, field)
 
         def order(key: str):
             if key == "wte":

@@ -1,12 +1,15 @@
 """KroneckerBERT configuration: a ``BertConfig`` plus the Kronecker form of each compressed matrix.
 
-Imports transformers only, so that it travels with saved model code (``trust_remote_code``).
+Imports transformers and the standard-library validator ``factor_spec`` only, so that it travels
+with saved model code (``trust_remote_code``).
 """
 
 import re
 
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
+
+from .factor_spec import canonical_factor_spec
 
 #: Names, relative to the base model, of the matrices KroneckerBERT may compress, per layer.
 LAYER_MODULES = (
@@ -64,35 +67,16 @@ class KroneckerBertConfig(BertConfig):
     kronecker_preset: str | None = None
 
     def __post_init__(self, **kwargs):
-        factors = self.kronecker_factors or {}
-        if not isinstance(factors, dict):
-            raise ValueError(f"kronecker_factors must be a dict of module name -> spec, got {type(factors).__name__}")
-        normalized = {}
-        for name, spec in factors.items():
-            if not isinstance(spec, dict) or "a_shape" not in spec:
-                raise ValueError(
-                    f"kronecker_factors[{name!r}] must be a dict like {{'a_shape': [m1, n1], 'rank': 1}}, got {spec!r}"
-                )
-            unknown = set(spec) - {"a_shape", "rank"}
-            if unknown:
-                raise ValueError(
-                    f"kronecker_factors[{name!r}] has unknown keys {sorted(unknown)}; use 'a_shape' and 'rank'"
-                )
-            a_shape = spec["a_shape"]
-            if not isinstance(a_shape, (list, tuple)) or len(a_shape) != 2 or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in a_shape
-            ):
-                raise ValueError(
-                    f"kronecker_factors[{name!r}]['a_shape'] must be two integers [m1, n1], got {a_shape!r}"
-                )
-            rank = spec.get("rank", 1)
-            normalized[name] = {"a_shape": [int(a_shape[0]), int(a_shape[1])], "rank": rank}
-        self.kronecker_factors = dict(sorted(normalized.items(), key=lambda kv: _sort_key(kv[0])))
+        if not isinstance(self.kronecker_factors or {}, dict):
+            raise ValueError("kronecker_factors must be a dict of module name -> spec, got "
+                             f"{type(self.kronecker_factors).__name__}")
         super().__post_init__(**kwargs)
         self.validate_kronecker_factors()
 
     def validate_kronecker_factors(self):
-        """Check every entry of ``kronecker_factors`` against the model shapes (also run on save)."""
+        """Check every entry of ``kronecker_factors`` against the model shapes and store the map in
+        canonical form, embedding first then layers in forward order (also run on save)."""
+        normalized = {}
         for name, spec in (self.kronecker_factors or {}).items():
             field = f"kronecker_factors[{name!r}]"
             if name != WORD_EMBEDDINGS:
@@ -108,29 +92,9 @@ class KroneckerBertConfig(BertConfig):
                         f"{field}: layer {layer} is out of range; the model has num_hidden_layers="
                         f"{self.num_hidden_layers} (layers 0..{self.num_hidden_layers - 1})"
                     )
-            m, n = _matrix_shape(self, name)
-            m1, n1 = spec["a_shape"]
-            rank = spec["rank"]
-            if name == WORD_EMBEDDINGS:
-                if not (1 <= m1 <= m and n1 >= 1 and n % n1 == 0):
-                    raise ValueError(
-                        f"{field}: a_shape {(m1, n1)} does not fit the {m}x{n} word embedding; need 1 <= m1 <= {m} "
-                        f"and n1 dividing hidden_size={n} (the paper uses a_shape ({m}, {n}//n))"
-                    )
-                m2 = -(-m // m1)
-            else:
-                if m1 < 1 or n1 < 1 or m % m1 or n % n1:
-                    raise ValueError(
-                        f"{field}: a_shape {(m1, n1)} does not divide the weight shape {(m, n)} (out, in); "
-                        f"m1 must divide {m} and n1 must divide {n}"
-                    )
-                m2 = m // m1
-            n2 = n // n1
-            max_rank = min(m1 * n1, m2 * n2)
-            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
-                raise ValueError(
-                    f"{field}: rank {rank!r} is not possible for A {(m1, n1)} and B {(m2, n2)}; use 1..{max_rank}"
-                )
+            kind = "embedding" if name == WORD_EMBEDDINGS else "linear"
+            normalized[name] = canonical_factor_spec(spec, _matrix_shape(self, name), kind, field)
+        self.kronecker_factors = dict(sorted(normalized.items(), key=lambda kv: _sort_key(kv[0])))
 
     def kronecker_spec(self, name):
         """``(a_shape, rank)`` of module ``name`` or ``None`` when it stays dense."""

@@ -13,7 +13,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from transformers import initialization as hf_init
+
 from .contraction import KRONECKER_ORDERS, _kron_apply, kronecker_matmul
+from .factor_spec import factor_std
 from .kronecker_math import ShapeLike, _check_split, kronecker_to_dense, nearest_kronecker, normalize_kronecker
 
 __all__ = ["KroneckerLinear", "KroneckerEmbedding"]
@@ -46,6 +49,19 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(
         f"from_dense expects nn.Linear or transformers' Conv1D, got {type(module).__name__}"
     )
+
+
+def init_kronecker_(module: nn.Module, std: float) -> None:
+    """Random factors of a Kronecker layer whose product has entries of std ``std``; zero bias.
+
+    For models' ``_init_weights``: the same scheme as ``reset_parameters``, through
+    ``transformers.initialization``, which skips tensors already loaded from a checkpoint.
+    """
+    s = factor_std(std, module.rank)
+    hf_init.normal_(module.A, mean=0.0, std=s)
+    hf_init.normal_(module.B, mean=0.0, std=s)
+    if getattr(module, "bias", None) is not None:
+        hf_init.zeros_(module.bias)
 
 
 class KroneckerLinear(nn.Module):
@@ -99,7 +115,7 @@ class KroneckerLinear(nn.Module):
         if self.A.is_meta:
             return
         target = std if std is not None else 1.0 / math.sqrt(3 * self.in_features)
-        s = math.sqrt(target / math.sqrt(self.rank))
+        s = factor_std(target, self.rank)
         with torch.no_grad():
             nn.init.normal_(self.A, std=s)
             nn.init.normal_(self.B, std=s)
@@ -212,7 +228,7 @@ class KroneckerEmbedding(nn.Module):
         """Random init whose rows have entries of std ``std`` (``nn.Embedding`` uses 1)."""
         if self.A.is_meta:
             return
-        s = math.sqrt(std / math.sqrt(self.rank))
+        s = factor_std(std, self.rank)
         with torch.no_grad():
             nn.init.normal_(self.A, std=s)
             nn.init.normal_(self.B, std=s)

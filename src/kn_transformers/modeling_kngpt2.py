@@ -21,7 +21,6 @@ import math
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 from transformers.modeling_utils import slice_logits_to_keep
@@ -39,7 +38,8 @@ from transformers.utils import can_return_tuple
 from .activations import activate, inplace_activation
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kngpt2 import KnGPT2Config
-from .kronecker import KroneckerEmbedding, KroneckerLinear
+from .kronecker import KroneckerEmbedding, KroneckerLinear, init_kronecker_
+from .strict_loading import StrictKroneckerLoadingMixin
 
 __all__ = [
     "KnGPT2PreTrainedModel",
@@ -55,21 +55,7 @@ _AUTO_CLASSES = {
 }
 
 
-def _init_kronecker_(module: nn.Module, std: float) -> None:
-    """Random factors whose product has entries of std ``std``; zero bias.
-
-    Same scheme as ``reset_parameters`` of the Kronecker layers (entries of ``Σ_r A_r⊗B_r`` have
-    variance ``rank·s⁴`` for factor std ``s``), but through ``transformers.initialization``, which
-    skips tensors already loaded from a checkpoint.
-    """
-    s = math.sqrt(std / math.sqrt(module.rank))
-    init.normal_(module.A, mean=0.0, std=s)
-    init.normal_(module.B, mean=0.0, std=s)
-    if getattr(module, "bias", None) is not None:
-        init.zeros_(module.bias)
-
-
-class KnGPT2PreTrainedModel(GPT2PreTrainedModel):
+class KnGPT2PreTrainedModel(StrictKroneckerLoadingMixin, GPT2PreTrainedModel):
     """Base class: config class, weight init of the Kronecker modules, ``auto_map`` on save."""
 
     config: KnGPT2Config
@@ -83,11 +69,11 @@ class KnGPT2PreTrainedModel(GPT2PreTrainedModel):
         """
         std = self.config.initializer_range
         if isinstance(module, (KroneckerLinear, KroneckerEmbedding)):
-            _init_kronecker_(module, std)
+            init_kronecker_(module, std)
             return
         if isinstance(module, (GPT2Attention, GPT2MLP)) and isinstance(module.c_proj, KroneckerLinear):
             # children are initialised before parents: this overrides c_proj's plain init above
-            _init_kronecker_(module.c_proj, std / math.sqrt(2 * self.config.n_layer))
+            init_kronecker_(module.c_proj, std / math.sqrt(2 * self.config.n_layer))
             return
         super()._init_weights(module)
 

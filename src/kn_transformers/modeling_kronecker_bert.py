@@ -19,7 +19,6 @@ This file imports torch, transformers and its siblings only (relative imports), 
 ``register_for_auto_class`` copies it flat next to a saved model for ``trust_remote_code``.
 """
 
-import math
 
 import torch
 from torch import nn
@@ -46,7 +45,8 @@ from transformers.utils.generic import can_return_tuple
 from .activations import activate, global_hooks_registered, inplace_activation
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kronecker_bert import KroneckerBertConfig
-from .kronecker import KroneckerEmbedding, KroneckerLinear
+from .kronecker import KroneckerEmbedding, KroneckerLinear, init_kronecker_
+from .strict_loading import StrictKroneckerLoadingMixin
 
 logger = logging.get_logger(__name__)
 
@@ -110,7 +110,7 @@ class KroneckerBertOnlyMLMHead(nn.Module):
         return self.predictions(sequence_output, word_embeddings)
 
 
-class KroneckerBertPreTrainedModel(BertPreTrainedModel):
+class KroneckerBertPreTrainedModel(StrictKroneckerLoadingMixin, BertPreTrainedModel):
     """Base class: BERT's, plus the init of the Kronecker modules and the full ``auto_map`` on save.
 
     ``accepts_loss_kwargs = False``: the heads average their loss over the batch and ignore
@@ -132,11 +132,7 @@ class KroneckerBertPreTrainedModel(BertPreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, (KroneckerLinear, KroneckerEmbedding)):
-            s = math.sqrt(std / math.sqrt(module.rank))
-            init.normal_(module.A, mean=0.0, std=s)
-            init.normal_(module.B, mean=0.0, std=s)
-            if getattr(module, "bias", None) is not None:
-                init.zeros_(module.bias)
+            init_kronecker_(module, std)
         elif isinstance(module, KroneckerBertLMPredictionHead):
             init.zeros_(module.bias)
 

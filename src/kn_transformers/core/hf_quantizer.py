@@ -20,6 +20,7 @@ import json
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 
+from ..factor_spec import factor_split
 from .config import QUANT_METHOD, KroneckerConfig
 from .dispatch import dispatch_for
 from .kroneckerize import _set_module, attach_tied_head, disable_tying
@@ -47,6 +48,7 @@ def build_kronecker_modules(model: torch.nn.Module, config: KroneckerConfig) -> 
         if shape != spec["shape"]:
             raise ValueError(f"quantization_config.modules[{name!r}] has shape {spec['shape']}, the model's module "
                              f"{shape}; the config does not belong to this model")
+        factor_split(shape, spec["a_shape"], spec["rank"], spec["kind"], f"quantization_config.modules[{name!r}]")
         layer = entry.build(dense, tuple(spec["a_shape"]), spec["rank"])
         _set_module(model, name, layer)
         embeddings[name] = layer

@@ -21,9 +21,10 @@ from transformers.utils import logging
 
 from ..conversion import CompressionReport, ModuleReport, count_parameters
 from ..factor_search import choose_embedding_factors, choose_kronecker_factors
+from ..factor_spec import factor_split
 from ..kronecker import KroneckerEmbedding, KroneckerLinear
 from ..kronecker_math import nearest_kronecker, normalize_kronecker
-from .config import QUANT_METHOD, KroneckerConfig
+from .config import KroneckerConfig
 from .dispatch import TiedKroneckerHead, dispatch_for
 
 logger = logging.get_logger(__name__)
@@ -148,35 +149,18 @@ def _resolve_entry(name: str, module: nn.Module, config: KroneckerConfig) -> dic
     out_f, in_f = entry.shape(module)
     rank = _pattern_value(name, config.rank_pattern) or config.rank
     a_shape = _pattern_value(name, config.shape_pattern) or config.a_shape
-    if entry.kind == "embedding":
-        if a_shape is None:
-            a_shape = list(choose_embedding_factors(out_f, in_f, config.fraction, rank))
-        m1, n1 = a_shape
-        if not (1 <= m1 <= out_f and in_f % n1 == 0):
-            raise ValueError(
-                f"a_shape {tuple(a_shape)} does not fit the embedding {name!r} of shape ({out_f}, {in_f}): need "
-                f"m1 <= {out_f} and n1 dividing {in_f}; set shape_pattern={{{name.rsplit('.', 1)[-1]!r}: [m1, n1]}} "
-                "or use fraction="
-            )
-        m2, n2 = -(-out_f // m1), in_f // n1
-    else:
-        if a_shape is None:
-            try:
-                a_shape = list(choose_kronecker_factors(out_f, in_f, config.fraction, ranks=(rank,)).a_shape)
-            except ValueError:
-                raise ValueError(f"module {name!r} ({out_f}x{in_f}) has no Kronecker split smaller than itself at "
-                                 f"rank {rank}; add it to exclude_modules") from None
-        m1, n1 = a_shape
-        if out_f % m1 or in_f % n1:
-            raise ValueError(
-                f"a_shape {tuple(a_shape)} does not divide module {name!r} of (out, in) shape ({out_f}, {in_f}): "
-                f"m1 must divide {out_f} and n1 must divide {in_f}; set shape_pattern for it or use fraction="
-            )
-        m2, n2 = out_f // m1, in_f // n1
-    max_rank = min(m1 * n1, m2 * n2)
-    if rank > max_rank:
-        raise ValueError(f"rank {rank} is too large for module {name!r}: A {m1}x{n1} and B {m2}x{n2} allow at most "
-                         f"{max_rank}")
+    if a_shape is None and entry.kind == "embedding":
+        a_shape = list(choose_embedding_factors(out_f, in_f, config.fraction, rank))
+    elif a_shape is None:
+        try:
+            a_shape = list(choose_kronecker_factors(out_f, in_f, config.fraction, ranks=(rank,)).a_shape)
+        except ValueError:
+            raise ValueError(f"module {name!r} ({out_f}x{in_f}) has no Kronecker split smaller than itself at "
+                             f"rank {rank}; add it to exclude_modules") from None
+    try:
+        m1, n1, _, _ = factor_split((out_f, in_f), a_shape, rank, entry.kind, f"module {name!r}")
+    except ValueError as err:
+        raise ValueError(f"{err}; set shape_pattern/rank_pattern for it or use fraction=") from None
     return {"kind": entry.kind, "shape": [out_f, in_f], "a_shape": [int(m1), int(n1)], "rank": int(rank)}
 
 
