@@ -149,6 +149,8 @@ def test_config_json_round_trip(tmp_path):
     (dict(target_modules=["input_layernorm"], fraction=0.25), "LlamaRMSNorm, which the Kronecker module table"),
     (dict(target_modules=["q_proj"], a_shape=[3, 2]), r"module 'model.layers.0.self_attn.q_proj': a_shape \[3, 2\] does not divide the \(out, in\) shape \(32, 32\)"),
     (dict(target_modules=["q_proj"], fraction=0.25, layers=[5]), r"layers \[5\] do not exist"),
+    (dict(target_modules=["q_proj", "k_proj"], shape_pattern={"q_proj": [2, 2]}),
+     r"module 'model.layers.0.self_attn.k_proj' matches no shape_pattern key and neither a_shape nor fraction"),
     (dict(target_modules=["q_proj"], a_shape=[2, 2], rank=9), r"rank 9 is not possible for A 2x2 and B 16x16: use 1\.\.4"),
 ])
 def test_bad_targets(kwargs, match):
@@ -321,3 +323,46 @@ def test_cli_compress_any_model_folder(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
     assert last.startswith("kn-transformers: error: module 'model.layers.0.self_attn.q_proj': a_shape [3, 2] does not "
                            "divide")
+
+
+def test_kronecker_bert_from_bert_takes_bert_shaped_encoders(tmp_path):
+    """RoBERTa and ELECTRA have BERT's module names: the paper presets apply to them through kroneckerize."""
+    from kn_transformers.convert_bert import PRESETS
+
+    def shapes(**extra):
+        return dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    **extra)
+
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(transformers.BertConfig(**shapes())).eval()
+    roberta = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**shapes())).eval()
+    electra = transformers.ElectraModel(transformers.ElectraConfig(**shapes(embedding_size=16))).eval()
+    for preset in ("kroneckerbert8", "kroneckerbert21"):
+        paper = kt.kronecker_bert_from_bert(bert, preset, progress=False)
+        student = kt.kronecker_bert_from_bert(roberta, preset, progress=False)
+        assert type(student) is transformers.RobertaForSequenceClassification
+        # the same factors as KroneckerBERT's, module by module, and the SVD init of the teacher's weights
+        ours = {n.removeprefix("roberta."): (tuple(m.A.shape), tuple(m.B.shape))
+                for n, m in student.named_modules() if isinstance(m, (kt.KroneckerLinear, kt.KroneckerEmbedding))}
+        theirs = {n.removeprefix("bert."): (tuple(m.A.shape), tuple(m.B.shape))
+                  for n, m in paper.named_modules() if isinstance(m, (kt.KroneckerLinear, kt.KroneckerEmbedding))}
+        assert ours == theirs and len(ours) == 1 + 2 * 6
+        q = student.roberta.encoder.layer[1].attention.self.query
+        A, B = kt.nearest_kronecker(roberta.roberta.encoder.layer[1].attention.self.query.weight, q.a_shape)
+        assert torch.equal(q.A, A) and torch.equal(q.B, B)
+    student.save_pretrained(tmp_path / "roberta")
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "roberta").eval()
+    ids = _ids()
+    assert torch.equal(loaded(ids).logits, student(ids).logits)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in student.parameters())
+
+    small = kt.kronecker_bert_from_bert(electra, "kroneckerbert8", progress=False)
+    emb = small.embeddings.word_embeddings  # ELECTRA's embeddings are 16 wide, the encoder 32
+    assert isinstance(emb, kt.KroneckerEmbedding) and emb.a_shape == (96, 16 // PRESETS["kroneckerbert8"].embedding_n)
+    assert small(ids).last_hidden_state.shape == (2, 9, 32)
+    with pytest.raises(ValueError, match=r"head= applies to BERT teachers.*RobertaForSequenceClassification"):
+        kt.kronecker_bert_from_bert(roberta, head="masked-lm", progress=False)
+    with pytest.raises(ValueError, match=r"\['num_labels'\] do not apply to a roberta teacher"):
+        kt.kronecker_bert_from_bert(roberta, num_labels=3, progress=False)
+    with pytest.raises(ValueError, match=r"needs a BERT teacher .*roberta, xlm-roberta, electra.*'llama'"):
+        kt.kronecker_bert_from_bert(_teacher("llama")[0], progress=False)

@@ -615,7 +615,7 @@ def one_line_error(match, fn, *args, **kwargs):
 def test_gpt2_teacher_is_refused(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
     gpt2.save_pretrained(tmp_path)
-    one_line_error(r"needs a BERT teacher \(model_type 'bert'\).*'gpt2'.*kngpt2_from_gpt2", kronecker_bert_from_bert, str(tmp_path))
+    one_line_error(r"needs a BERT teacher \(model_type 'bert', or a BERT-shaped encoder.*'gpt2'.*kngpt2_from_gpt2", kronecker_bert_from_bert, str(tmp_path))
     one_line_error(r"model_type 'gpt2'", kronecker_bert_from_bert, gpt2)
 
 

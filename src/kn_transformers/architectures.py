@@ -2,8 +2,12 @@
 
 ``FFN_MODULES``: the module whose output is a block's feed-forward output, as a regex on module
 names with the block index as group 1 — what ILKD's ``ffn`` term matches (hidden states and
-attention come from transformers' own ``output_hidden_states`` / ``output_attentions``). A new
-architecture is an entry here, not a file.
+attention come from transformers' own ``output_hidden_states`` / ``output_attentions``).
+
+``BERT_LAYOUT``: encoders whose modules below the base model have BERT's names
+(``embeddings.word_embeddings``, ``encoder.layer.<i>.attention.self.query``…), so that the
+KroneckerBERT presets apply to them as they are (``kronecker_bert_from_bert`` compresses them
+through ``kroneckerize``). A new architecture is an entry here, not a file.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-__all__ = ["FFN_MODULES", "ffn_pattern"]
+__all__ = ["BERT_LAYOUT", "FFN_MODULES", "ffn_pattern"]
 
 _DECODER_MLP = r"(?:^|\.)layers\.(\d+)\.mlp$"
 
@@ -23,6 +27,7 @@ FFN_MODULES: dict[str, str] = {
     "bert": r"(?:^|\.)layer\.(\d+)\.output$",
     "kronecker-bert": r"(?:^|\.)layer\.(\d+)\.output$",
     "roberta": r"(?:^|\.)layer\.(\d+)\.output$",
+    "xlm-roberta": r"(?:^|\.)layer\.(\d+)\.output$",
     "electra": r"(?:^|\.)layer\.(\d+)\.output$",
     "distilbert": r"(?:^|\.)layer\.(\d+)\.ffn$",
     # decoder LLMs: the gated / plain MLP before the residual add
@@ -35,6 +40,9 @@ FFN_MODULES: dict[str, str] = {
     "gpt_neox": _DECODER_MLP,
     "opt": r"(?:^|\.)layers\.(\d+)\.fc2$",
 }
+
+
+BERT_LAYOUT: tuple[str, ...] = ("roberta", "xlm-roberta", "electra")
 
 
 def ffn_pattern(model_type: Optional[str]) -> Optional[re.Pattern]:

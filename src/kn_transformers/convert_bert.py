@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
+    BertConfig,
     BertForMaskedLM,
     BertForQuestionAnswering,
     BertForSequenceClassification,
@@ -27,7 +30,10 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .architectures import BERT_LAYOUT
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
+from .core.config import KroneckerConfig
+from .core.kroneckerize import _base_prefix, kroneckerize
 from .conversion import CompressionReport, check_layer_indices, count_parameters, decompose_module, replace_module
 from .factor_search import choose_embedding_factors, choose_kronecker_factors
 from .kronecker import KroneckerEmbedding
@@ -256,8 +262,9 @@ def _as_shape(value):
 
 def _not_bert_message(model_type, what) -> str:
     return (
-        f"kronecker_bert_from_bert needs a BERT teacher (model_type 'bert'), got {what} of model_type {model_type!r}; "
-        f"pass a BERT checkpoint (for GPT-2 use kngpt2_from_gpt2)"
+        f"kronecker_bert_from_bert needs a BERT teacher (model_type 'bert', or a BERT-shaped encoder: "
+        f"{', '.join(BERT_LAYOUT)}), got {what} of model_type {model_type!r}; pass such a checkpoint "
+        f"(for GPT-2 use kngpt2_from_gpt2, for any other architecture kroneckerize)"
     )
 
 
@@ -268,16 +275,58 @@ def _load_teacher(teacher) -> PreTrainedModel:
     if isinstance(teacher, (str, os.PathLike)):
         teacher = check_model_name_or_path(teacher, "teacher")
         config = AutoConfig.from_pretrained(teacher)
-        if config.model_type != "bert":
+        if config.model_type != "bert" and config.model_type not in BERT_LAYOUT:
             raise ValueError(_not_bert_message(config.model_type, f"{str(teacher)!r}"))
-        arch = (getattr(config, "architectures", None) or ["BertModel"])[0]
-        return _TEACHER_ARCHITECTURES.get(arch, BertModel).from_pretrained(teacher, config=config)
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        if config.model_type == "bert":
+            return _TEACHER_ARCHITECTURES.get(arch, BertModel).from_pretrained(teacher, config=config)
+        return getattr(transformers, arch or "", transformers.AutoModel).from_pretrained(teacher, config=config)
     if isinstance(teacher, PreTrainedModel):
         model_type = getattr(teacher.config, "model_type", None)
-        if model_type != "bert":
+        if model_type != "bert" and model_type not in BERT_LAYOUT:
             raise ValueError(_not_bert_message(model_type, f"a {type(teacher).__name__}"))
         return teacher
     raise ValueError(f"teacher must be a BERT model, a checkpoint path or a Hub name, got {type(teacher).__name__}")
+
+
+def _from_bert_layout(teacher: PreTrainedModel, preset, target_fraction, normalize, head, progress, svd_dtype,
+                      num_threads, overrides) -> PreTrainedModel:
+    """A RoBERTa/ELECTRA-shaped teacher: the preset's factor map, translated to the teacher's module
+    names, applied by ``kroneckerize`` (the student keeps the teacher's class and loads with
+    ``AutoModel*.from_pretrained``)."""
+    model_type = teacher.config.model_type
+    if head is not None:
+        raise ValueError(f"head= applies to BERT teachers; a {model_type} student keeps the teacher's class "
+                         f"({type(teacher).__name__}): load the teacher with the head you want")
+    unsupported = sorted(set(overrides) - {*_PRESET_FIELDS, "layers", "kronecker_factors"})
+    if unsupported:
+        raise ValueError(f"{unsupported} do not apply to a {model_type} teacher; valid: "
+                         f"{', '.join(_PRESET_FIELDS)}, layers, kronecker_factors")
+    c = teacher.config
+    width = getattr(c, "embedding_size", None) or c.hidden_size
+    shapes = BertConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size)
+    factors = kronecker_bert_config(shapes, preset, target_fraction, **overrides).kronecker_factors
+    if WORD_EMBEDDINGS in factors and width != c.hidden_size:  # ELECTRA: embeddings narrower than the encoder
+        rank = factors[WORD_EMBEDDINGS]["rank"]
+        if target_fraction is not None:
+            a_shape = list(choose_embedding_factors(c.vocab_size, width, target_fraction, rank))
+        else:
+            n = overrides.get("embedding_n", PRESETS[preset].embedding_n)
+            if width % n:
+                raise ValueError(f"preset {preset!r}: embedding_n={n} does not divide embedding_size={width}; "
+                                 "pass another embedding_n=... or target_fraction=...")
+            a_shape = [c.vocab_size, width // n]
+        factors[WORD_EMBEDDINGS] = {"a_shape": a_shape, "rank": rank}
+    prefix = _base_prefix(teacher)
+    full = {name: f"{prefix}.{name}" if prefix else name for name in factors}
+    config = KroneckerConfig(
+        target_modules=[full[n] for n in factors if n != WORD_EMBEDDINGS] or None,
+        embedding=WORD_EMBEDDINGS in factors, normalize=normalize,
+        shape_pattern={re.escape(full[n]): spec["a_shape"] for n, spec in factors.items()},
+        rank_pattern={re.escape(full[n]): spec["rank"] for n, spec in factors.items()},
+    )
+    return kroneckerize(teacher, config, progress=progress, svd_dtype=svd_dtype, num_threads=num_threads)
 
 
 def _resolve_head(teacher: PreTrainedModel, head) -> str:
@@ -315,7 +364,10 @@ def kronecker_bert_from_bert(
         teacher: a Hub name or local path of a BERT checkpoint, or a loaded ``BertModel`` /
             ``BertForSequenceClassification`` / ``BertForMaskedLM`` / ``BertForQuestionAnswering``.
             Names and paths load with the class in ``config.architectures`` (else ``BertModel``);
-            set ``HF_HUB_OFFLINE=1`` to stay offline.
+            set ``HF_HUB_OFFLINE=1`` to stay offline. A BERT-shaped encoder (``architectures.BERT_LAYOUT``:
+            RoBERTa, XLM-R, ELECTRA) gets the same preset factors through :func:`kroneckerize` and keeps
+            its own class (``head``, pooler and config overrides do not apply; it loads with
+            ``AutoModel*.from_pretrained`` where ``kn_transformers`` is imported).
         preset: ``"kroneckerbert8"`` or ``"kroneckerbert21"`` (:data:`PRESETS`), scaled to the teacher's width.
         target_fraction: instead of the preset, every matrix keeps at most this fraction of its
             parameters (:func:`choose_kronecker_factors`; embedding ``V × d/n`` with the smallest fitting ``n``).
@@ -351,6 +403,10 @@ def kronecker_bert_from_bert(
             f"(or pass target_fraction=... or kronecker_factors=...)"
         )
     teacher = _load_teacher(teacher)
+    if teacher.config.model_type != "bert":
+        student = _from_bert_layout(teacher, preset, target_fraction, normalize, head, progress, svd_dtype,
+                                    num_threads, overrides)
+        return (student, student.compression_report) if return_report else student
     head = _resolve_head(teacher, head)
     config = kronecker_bert_config(teacher.config, preset, target_fraction, **overrides)
     student_cls = HEADS[head][1]

@@ -68,7 +68,7 @@ class KroneckerConfig(QuantizationConfigMixin):
             modules are targeted; modules outside any block (a pooler) are then left out.
         embedding: also compress the input token embedding (``get_input_embeddings()``).
 
-    Shapes (exactly one of ``a_shape`` / ``fraction``):
+    Shapes (exactly one of ``a_shape`` / ``fraction``, or neither when ``shape_pattern`` covers every target):
         a_shape: ``(m1, n1)`` of every ``A_r``; each matched ``(out, in)`` matrix must be divisible.
         fraction: per-matrix parameter fraction in (0, 1); each matrix gets
             ``choose_kronecker_factors(out, in, fraction)``'s split (the embedding the paper's
@@ -119,8 +119,11 @@ class KroneckerConfig(QuantizationConfigMixin):
         if not isinstance(self.embedding, bool):
             raise ValueError(f"embedding must be True or False, got {self.embedding!r}")
         if not self.modules:  # a resolved config needs neither
-            if (self.a_shape is None) == (self.fraction is None):
-                raise ValueError("give exactly one of a_shape=(m1, n1) or fraction=... (both or neither were given)")
+            if self.a_shape is not None and self.fraction is not None:
+                raise ValueError("give exactly one of a_shape=(m1, n1) or fraction=... (both were given)")
+            if self.a_shape is None and self.fraction is None and not self.shape_pattern:
+                raise ValueError("give exactly one of a_shape=(m1, n1) or fraction=... (neither was given; "
+                                 "or a shape_pattern for every target)")
         if self.a_shape is not None:
             self.a_shape = _as_pair(self.a_shape, "a_shape")
         if self.fraction is not None:

@@ -149,8 +149,11 @@ def _resolve_entry(name: str, module: nn.Module, config: KroneckerConfig) -> dic
     out_f, in_f = entry.shape(module)
     rank = _pattern_value(name, config.rank_pattern) or config.rank
     a_shape = _pattern_value(name, config.shape_pattern) or config.a_shape
-    if a_shape is None and entry.kind == "embedding":
+    if a_shape is None and entry.kind == "embedding" and config.fraction is not None:
         a_shape = list(choose_embedding_factors(out_f, in_f, config.fraction, rank))
+    elif a_shape is None and config.fraction is None:
+        raise ValueError(f"module {name!r} matches no shape_pattern key and neither a_shape nor fraction is given; "
+                         "add a pattern for it or give fraction=")
     elif a_shape is None:
         try:
             a_shape = list(choose_kronecker_factors(out_f, in_f, config.fraction, ranks=(rank,)).a_shape)
