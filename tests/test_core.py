@@ -366,3 +366,16 @@ def test_kronecker_bert_from_bert_takes_bert_shaped_encoders(tmp_path):
         kt.kronecker_bert_from_bert(roberta, num_labels=3, progress=False)
     with pytest.raises(ValueError, match=r"needs a BERT teacher .*roberta, xlm-roberta, electra.*'llama'"):
         kt.kronecker_bert_from_bert(_teacher("llama")[0], progress=False)
+
+
+def test_paper_preset_parameter_counts_are_unchanged():
+    """The paper models' sizes at full width (built on the meta device: no memory)."""
+    from kn_transformers.convert_bert import kronecker_bert_config
+    from kn_transformers.convert_gpt2 import kngpt2_config_from_gpt2
+
+    with torch.device("meta"):
+        gpt2 = kt.KnGPT2LMHeadModel(kngpt2_config_from_gpt2(transformers.GPT2Config(), "paper"))
+        bert8 = kt.KroneckerBertModel(kronecker_bert_config(transformers.BertConfig(), "kroneckerbert8"))
+        bert21 = kt.KroneckerBertModel(kronecker_bert_config(transformers.BertConfig(), "kroneckerbert21"))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (gpt2, bert8, bert21)]
+    assert counts == [122_504_882, 14_654_216, 5_228_272]

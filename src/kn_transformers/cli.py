@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .conversion import CompressionReport, ModuleReport, count_parameters, decompose_module
+from .conversion import CompressionReport, ModuleReport, count_parameters
+from .core.kroneckerize import decompose_module
 from .factor_search import choose_kronecker_factors
 from .loading import check_model_name_or_path
 

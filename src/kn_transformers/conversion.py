@@ -1,7 +1,8 @@
-"""Shared machinery for turning dense teacher modules into Kronecker ones, with a report.
+"""The compression report, the module swap and the checks shared by every conversion.
 
-The model-specific entry points (``kngpt2_from_gpt2``, ``kronecker_bert_from_bert``) and their
-presets build on :func:`decompose_module` and :class:`CompressionReport`.
+``kroneckerize`` and the paper models' converters (``kngpt2_from_gpt2``, ``kronecker_bert_from_bert``)
+decompose through :func:`kn_transformers.core.kroneckerize.decompose_module` and report with
+:class:`CompressionReport`.
 """
 
 from __future__ import annotations
@@ -10,12 +11,10 @@ import json
 import numbers
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
-
-from .kronecker import KroneckerEmbedding, KroneckerLinear, _dense_weight
 
 
 @dataclass
@@ -80,42 +79,6 @@ class CompressionReport:
 
 
 @torch.no_grad()
-def decompose_module(
-    module: nn.Module,
-    name: str,
-    a_shape: Sequence[int],
-    rank: int = 1,
-    normalize: bool = False,
-    svd_dtype: torch.dtype = torch.float64,
-) -> tuple[nn.Module, ModuleReport]:
-    """Replace-ready Kronecker version of ``module`` (``nn.Linear``, ``Conv1D`` or ``nn.Embedding``).
-
-    Returns the new module and its :class:`ModuleReport` (relative Frobenius error of the
-    weight). Raises the core's ``ValueError`` when ``a_shape`` does not divide the weight.
-    """
-    if isinstance(module, nn.Embedding):
-        new = KroneckerEmbedding.from_dense(module, a_shape, rank=rank, normalize=normalize, svd_dtype=svd_dtype)
-        W, kind = module.weight, "embedding"
-    else:
-        W = _dense_weight(module)
-        new = KroneckerLinear.from_dense(module, a_shape, rank=rank, normalize=normalize, svd_dtype=svd_dtype)
-        kind = "linear"
-    approx = new.weight
-    err = (torch.linalg.norm((W - approx).double()) / torch.linalg.norm(W.double()).clamp_min(1e-30)).item()
-    report = ModuleReport(
-        name=name,
-        kind=kind,
-        shape=tuple(W.shape),
-        a_shape=tuple(new.a_shape),
-        b_shape=tuple(new.b_shape),
-        rank=rank,
-        params_before=W.numel(),
-        params_after=new.A.numel() + new.B.numel(),
-        rel_error=err,
-    )
-    return new, report
-
-
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     """Set the submodule at dotted path ``name`` of ``root`` to ``new``."""
     parent_name, _, child = name.rpartition(".")

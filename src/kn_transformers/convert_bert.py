@@ -33,10 +33,9 @@ from transformers import (
 from .architectures import BERT_LAYOUT
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
 from .core.config import KroneckerConfig
-from .core.kroneckerize import _base_prefix, kroneckerize
-from .conversion import CompressionReport, check_layer_indices, count_parameters, decompose_module, replace_module
+from .core.kroneckerize import _base_prefix, decompose_module, kroneckerize
+from .conversion import CompressionReport, check_layer_indices, count_parameters, replace_module
 from .factor_search import choose_embedding_factors, choose_kronecker_factors
-from .kronecker import KroneckerEmbedding
 from .loading import check_model_name_or_path
 from .modeling_kronecker_bert import (
     KroneckerBertForMaskedLM,
@@ -423,11 +422,6 @@ def kronecker_bert_from_bert(
         a_shape, rank = config.kronecker_spec(name)
         dense = t_base.get_submodule(name)
         new, module_report = decompose_module(dense, name, a_shape, rank=rank, normalize=normalize, svd_dtype=svd_dtype)
-        if isinstance(new, KroneckerEmbedding) and new.padding_idx is not None:
-            # as the model builds it (see apply_kronecker_factors): the [PAD] row is looked up, not zeroed
-            new.padding_idx = None
-            W = dense.weight.double()
-            module_report.rel_error = ((W - new.weight.double()).norm() / W.norm().clamp_min(1e-30)).item()
         replace_module(s_base, name, new)
         report.modules.append(module_report)
         done.update(f"{name}.{k}" for k in new.state_dict())

@@ -29,7 +29,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, PretrainedConfi
 from transformers.utils import logging
 
 from .configuration_kngpt2 import KNGPT2_LAYER_MODULES, KnGPT2Config
-from .conversion import CompressionReport, ModuleReport, check_layer_indices, count_parameters, decompose_module
+from .conversion import CompressionReport, ModuleReport, check_layer_indices, count_parameters
+from .core.kroneckerize import decompose_module
 from .factor_search import choose_kronecker_factors
 from .loading import check_model_name_or_path
 from .modeling_kngpt2 import KnGPT2LMHeadModel

@@ -51,6 +51,18 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     )
 
 
+@torch.no_grad()
+def _fit_factors_(layer: nn.Module, target: torch.Tensor, weight: torch.Tensor, normalize: bool, svd_dtype):
+    """The one SVD init: ``layer``'s factors become the nearest Kronecker product of ``target``
+    (optionally rescaled to ``weight``'s Frobenius norm, Krony-PT)."""
+    A, B = nearest_kronecker(target, layer.a_shape, rank=layer.rank, dtype=svd_dtype)
+    if normalize:
+        A, B = normalize_kronecker(A, B, weight)
+    layer.A.copy_(A)
+    layer.B.copy_(B)
+    return layer
+
+
 def init_kronecker_(module: nn.Module, std: float) -> None:
     """Random factors of a Kronecker layer whose product has entries of std ``std``; zero bias.
 
@@ -143,15 +155,15 @@ class KroneckerLinear(nn.Module):
         out_f, in_f = W.shape
         has_bias = getattr(module, "bias", None) is not None
         layer = cls(in_f, out_f, a_shape, rank=rank, bias=has_bias, device=W.device, dtype=W.dtype)
-        A, B = nearest_kronecker(W, a_shape, rank=rank, dtype=svd_dtype)
-        if normalize:
-            A, B = normalize_kronecker(A, B, W)
-        with torch.no_grad():
-            layer.A.copy_(A)
-            layer.B.copy_(B)
-            if has_bias:
+        layer.init_from_weight_(W, normalize=normalize, svd_dtype=svd_dtype)
+        if has_bias:
+            with torch.no_grad():
                 layer.bias.copy_(module.bias)
         return layer
+
+    def init_from_weight_(self, weight: torch.Tensor, normalize: bool = False, svd_dtype=torch.float64):
+        """Set the factors to the nearest Kronecker product of ``weight`` (``(out, in)``); returns self."""
+        return _fit_factors_(self, weight, weight, normalize, svd_dtype)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` computing the same function."""
@@ -284,16 +296,15 @@ class KroneckerEmbedding(nn.Module):
         W = module.weight
         V, d = W.shape
         layer = cls(V, d, a_shape, rank=rank, padding_idx=module.padding_idx, device=W.device, dtype=W.dtype)
-        padded = W.detach()
-        if layer.num_rows > V:
-            padded = torch.cat([padded, padded.new_zeros(layer.num_rows - V, d)])
-        A, B = nearest_kronecker(padded, layer.a_shape, rank=rank, dtype=svd_dtype)
-        if normalize:
-            A, B = normalize_kronecker(A, B, W)
-        with torch.no_grad():
-            layer.A.copy_(A)
-            layer.B.copy_(B)
-        return layer
+        return layer.init_from_weight_(W, normalize=normalize, svd_dtype=svd_dtype)
+
+    def init_from_weight_(self, weight: torch.Tensor, normalize: bool = False, svd_dtype=torch.float64):
+        """Set the factors to the nearest Kronecker table to ``weight`` (``(vocab, dim)``; the padded
+        rows no id reaches are fitted as zeros); returns self."""
+        padded = weight.detach()
+        if self.num_rows > weight.shape[0]:
+            padded = torch.cat([padded, padded.new_zeros(self.num_rows - weight.shape[0], weight.shape[1])])
+        return _fit_factors_(self, padded, weight, normalize, svd_dtype)
 
     def to_dense(self) -> nn.Embedding:
         emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,

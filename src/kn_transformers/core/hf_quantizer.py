@@ -23,7 +23,8 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from ..factor_spec import factor_split
 from .config import QUANT_METHOD, KroneckerConfig
 from .dispatch import dispatch_for
-from .kroneckerize import _set_module, attach_tied_head, disable_tying
+from ..conversion import replace_module
+from .kroneckerize import attach_tied_head, disable_tying
 
 __all__ = ["KroneckerHfQuantizer", "build_kronecker_modules"]
 
@@ -50,7 +51,7 @@ def build_kronecker_modules(model: torch.nn.Module, config: KroneckerConfig) -> 
                              f"{shape}; the config does not belong to this model")
         factor_split(shape, spec["a_shape"], spec["rank"], spec["kind"], f"quantization_config.modules[{name!r}]")
         layer = entry.build(dense, tuple(spec["a_shape"]), spec["rank"])
-        _set_module(model, name, layer)
+        replace_module(model, name, layer)
         embeddings[name] = layer
     for name, spec in config.modules.items():
         if spec["kind"] == "tied_head":

@@ -10,7 +10,6 @@ not modified.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from dataclasses import replace
 from typing import Optional, Union
@@ -19,17 +18,16 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..conversion import CompressionReport, ModuleReport, count_parameters
+from ..conversion import CompressionReport, ModuleReport, count_parameters, replace_module
 from ..factor_search import choose_embedding_factors, choose_kronecker_factors
 from ..factor_spec import factor_split
 from ..kronecker import KroneckerEmbedding, KroneckerLinear
-from ..kronecker_math import nearest_kronecker, normalize_kronecker
 from .config import KroneckerConfig
 from .dispatch import TiedKroneckerHead, dispatch_for
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["kroneckerize", "resolve_modules", "layer_index"]
+__all__ = ["decompose_module", "kroneckerize", "layer_index", "resolve_modules"]
 
 #: Containers of the repeated blocks, as PEFT's ``layers_pattern`` defaults.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
@@ -205,34 +203,32 @@ def _fill_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
                 tensors[key] = clones[id(source)]
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 @torch.no_grad()
-def _decomposed(dense: nn.Module, spec: dict, config: KroneckerConfig, svd_dtype) -> tuple[nn.Module, float]:
-    """The Kronecker layer of ``dense`` for ``spec`` and its relative Frobenius error."""
+def decompose_module(dense: nn.Module, name: str, a_shape, rank: int = 1, *, normalize: bool = False,
+                     svd_dtype: torch.dtype = torch.float64, init: str = "svd") -> tuple[nn.Module, ModuleReport]:
+    """The Kronecker layer of ``dense`` (any module the table knows) and its :class:`ModuleReport`.
+
+    The one place a dense module becomes a Kronecker layer: built through the module table, its
+    factors the nearest Kronecker product of the weight (``init="svd"``; ``"random"``: the product's
+    entries get the weight's std), the bias copied, the relative Frobenius error measured.
+    """
     entry = dispatch_for(dense)
-    layer = entry.build(dense, tuple(spec["a_shape"]), spec["rank"])
+    if entry is None:
+        raise ValueError(f"module {name!r} is a {type(dense).__name__}, which the Kronecker module table does not know")
+    layer = entry.build(dense, tuple(a_shape), rank)
     W = entry.weight(dense).detach()
-    if config.init == "random":
+    if init == "random":
         layer.reset_parameters(std=float(W.float().std()))
     else:
-        target = W
-        if isinstance(layer, KroneckerEmbedding) and layer.num_rows > W.shape[0]:
-            target = torch.cat([W, W.new_zeros(layer.num_rows - W.shape[0], W.shape[1])])
-        A, B = nearest_kronecker(target, layer.a_shape, rank=spec["rank"], dtype=svd_dtype)
-        if config.normalize:
-            A, B = normalize_kronecker(A, B, W)
-        layer.A.copy_(A)
-        layer.B.copy_(B)
+        layer.init_from_weight_(W, normalize=normalize, svd_dtype=svd_dtype)
     bias = getattr(dense, "bias", None)
     if getattr(layer, "bias", None) is not None and bias is not None:
         layer.bias.copy_(bias)
     approx = layer.weight if not isinstance(layer, KroneckerEmbedding) else layer.weight[: W.shape[0]]
     err = ((W.double() - approx.double()).norm() / W.double().norm().clamp_min(1e-30)).item()
-    return layer, err
+    report = ModuleReport(name, entry.kind, tuple(W.shape), tuple(layer.a_shape), tuple(layer.b_shape), rank,
+                          W.numel(), layer.A.numel() + layer.B.numel(), err)
+    return layer, report
 
 
 def disable_tying(model: nn.Module) -> None:
@@ -244,7 +240,7 @@ def disable_tying(model: nn.Module) -> None:
 def attach_tied_head(model: nn.Module, head_name: str, embedding: KroneckerEmbedding,
                      bias: Optional[torch.Tensor] = None) -> None:
     """Replace the output head at ``head_name`` by a :class:`TiedKroneckerHead` reading ``embedding``."""
-    _set_module(model, head_name, TiedKroneckerHead(embedding, bias))
+    replace_module(model, head_name, TiedKroneckerHead(embedding, bias))
     disable_tying(model)
 
 
@@ -305,13 +301,11 @@ def kroneckerize(
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         for name in logging.tqdm(list(modules), desc="kroneckerize", disable=not progress):
-            dense = model.get_submodule(name)
-            new, err = _decomposed(dense, modules[name], resolved, svd_dtype)
-            _set_module(student, name, new)
-            before = math.prod(modules[name]["shape"])
-            report.modules.append(ModuleReport(name, modules[name]["kind"], tuple(modules[name]["shape"]),
-                                               tuple(new.a_shape), tuple(new.b_shape), new.rank, before,
-                                               new.A.numel() + new.B.numel(), err))
+            spec = modules[name]
+            new, row = decompose_module(model.get_submodule(name), name, spec["a_shape"], spec["rank"],
+                                        normalize=resolved.normalize, svd_dtype=svd_dtype, init=resolved.init)
+            replace_module(student, name, new)
+            report.modules.append(row)
     finally:
         torch.set_num_threads(threads)
 
