@@ -650,3 +650,24 @@ def test_out_of_vocabulary_ids_are_refused_as_gpt2_does():
             teacher(ids)
         with pytest.raises(IndexError, match="outside"):
             student(ids)
+
+
+def test_classifier_teacher_converts_directly(tmp_path):
+    """A GPT2ForSequenceClassification gives a KnGPT2ForSequenceClassification in one conversion:
+    the same factors as the LM conversion of the same transformer, the teacher's score head."""
+    from transformers import GPT2ForSequenceClassification
+
+    lm = tiny_teacher(seed=21)
+    torch.manual_seed(0)
+    teacher = GPT2ForSequenceClassification(tiny_gpt2_config(num_labels=3, pad_token_id=0)).eval()
+    teacher.transformer.load_state_dict(lm.transformer.state_dict())
+    student = kngpt2_from_gpt2(teacher, preset="paper", progress=False)
+    assert type(student).__name__ == "KnGPT2ForSequenceClassification" and student.config.num_labels == 3
+    assert torch.equal(student.score.weight, teacher.score.weight) and student.score.weight is not teacher.score.weight
+    reference = kngpt2_from_gpt2(lm, preset="paper", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(student.transformer.state_dict().values(),
+                                                  reference.transformer.state_dict().values()))
+    ids = torch.randint(2, VOCAB, (2, 7))
+    teacher.save_pretrained(tmp_path)
+    from_path = kngpt2_from_gpt2(str(tmp_path), preset="paper", progress=False)
+    assert torch.equal(from_path(ids).logits, student(ids).logits)

@@ -25,7 +25,14 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, PretrainedConfig, PreTrainedModel
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.utils import logging
 
 from .configuration_kngpt2 import KNGPT2_LAYER_MODULES, KnGPT2Config
@@ -33,7 +40,7 @@ from .conversion import CompressionReport, ModuleReport, check_layer_indices, co
 from .core.kroneckerize import decompose_module
 from .factor_search import choose_kronecker_factors
 from .loading import check_model_name_or_path
-from .modeling_kngpt2 import KnGPT2LMHeadModel
+from .modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel
 
 logger = logging.get_logger(__name__)
 
@@ -159,8 +166,10 @@ def _load_teacher(teacher: Union[str, nn.Module]) -> GPT2LMHeadModel:
         source = check_model_name_or_path(teacher, "teacher")
         config = AutoConfig.from_pretrained(source)
         _check_gpt2_config(config, repr(source))
+        if "GPT2ForSequenceClassification" in (config.architectures or []):
+            return GPT2ForSequenceClassification.from_pretrained(source)
         return GPT2LMHeadModel.from_pretrained(source)
-    if isinstance(teacher, GPT2LMHeadModel):
+    if isinstance(teacher, (GPT2LMHeadModel, GPT2ForSequenceClassification)):
         return teacher
     if isinstance(teacher, GPT2Model):
         with torch.device("meta"):
@@ -171,8 +180,8 @@ def _load_teacher(teacher: Union[str, nn.Module]) -> GPT2LMHeadModel:
     if isinstance(teacher, PreTrainedModel):
         _check_gpt2_config(teacher.config, type(teacher).__name__)
         raise ValueError(
-            f"kngpt2_from_gpt2 takes a GPT2LMHeadModel or GPT2Model, got {type(teacher).__name__}: "
-            "pass its .transformer or the GPT2LMHeadModel checkpoint"
+            f"kngpt2_from_gpt2 takes a GPT2LMHeadModel, GPT2ForSequenceClassification or GPT2Model, got "
+            f"{type(teacher).__name__}: pass its .transformer or the GPT2LMHeadModel checkpoint"
         )
     raise ValueError(
         f"teacher must be a model name, a local path, or a GPT2LMHeadModel/GPT2Model, got {type(teacher).__name__}"
@@ -192,11 +201,13 @@ def kngpt2_from_gpt2(
     return_report: bool = False,
     **overrides,
 ):
-    """Convert a GPT-2 into a :class:`KnGPT2LMHeadModel` initialised from the teacher.
+    """Convert a GPT-2 into a :class:`KnGPT2LMHeadModel` (or, from a ``GPT2ForSequenceClassification``,
+    a :class:`KnGPT2ForSequenceClassification` with the teacher's score head) initialised from the teacher.
 
     Args:
-        teacher: a model name or local path (loaded with ``GPT2LMHeadModel.from_pretrained``),
-            or a loaded ``GPT2LMHeadModel`` / ``GPT2Model`` (not modified).
+        teacher: a model name or local path (loaded with the class its ``config.architectures``
+            names, ``GPT2LMHeadModel`` by default), or a loaded ``GPT2LMHeadModel`` /
+            ``GPT2ForSequenceClassification`` / ``GPT2Model`` (not modified).
         preset: ``"paper"`` (``wte`` + odd layers at factor 2, dense untied head) or ``None``.
         target_fraction: choose every selected matrix's shape with
             ``choose_kronecker_factors(out, in, target_fraction)`` instead of the preset's.
@@ -232,10 +243,12 @@ def kngpt2_from_gpt2(
         if n_tok < vocab:
             logger.warning(f"tokenizer has {n_tok} tokens, the teacher's vocabulary {vocab} rows (padded vocabulary?)")
     config = kngpt2_config_from_gpt2(tconf, preset, target_fraction, normalize, **overrides)
-    config.architectures = ["KnGPT2LMHeadModel"]
+    student_cls = (KnGPT2ForSequenceClassification if isinstance(teacher_lm, GPT2ForSequenceClassification)
+                   else KnGPT2LMHeadModel)
+    config.architectures = [student_cls.__name__]
 
     with torch.device("meta"):
-        student = KnGPT2LMHeadModel(config)
+        student = student_cls(config)
 
     teacher_state = teacher_lm.state_dict()
     state: dict[str, torch.Tensor] = {}
@@ -277,17 +290,16 @@ def kngpt2_from_gpt2(
     for key in student.state_dict():
         if key in state:
             continue
-        if key == "lm_head.weight":
-            source = teacher_state["lm_head.weight"]
-            add_dense("lm_head", source)
-        else:
-            source = teacher_state[key]
+        source = teacher_state[key]  # the head too: lm_head (tied or not) or the classifier's score
+        if key in ("lm_head.weight", "score.weight"):
+            add_dense(key.rsplit(".", 1)[0], source)
         state[key] = source.detach().clone()
     student.load_state_dict(state, strict=True, assign=True)
     student.tie_weights()
     if not teacher_lm.training:
         student.eval()
-    student.generation_config = copy.deepcopy(teacher_lm.generation_config)
+    if student.can_generate():
+        student.generation_config = copy.deepcopy(teacher_lm.generation_config)
 
     report.total_params_before = count_parameters(teacher_lm)
     report.total_params_after = count_parameters(student)

@@ -48,8 +48,8 @@ def convert_to_student(
 ) -> PreTrainedModel:
     """The Kronecker student of a loaded dense ``teacher`` (factors from its weights, the rest copied).
 
-    GPT-2 teachers give a ``KnGPT2LMHeadModel`` (``head="causal-lm"``) or a
-    ``KnGPT2ForSequenceClassification`` with the teacher's transformer and score head.
+    GPT-2 teachers give a ``KnGPT2LMHeadModel`` (``head="causal-lm"``) or, from a
+    ``GPT2ForSequenceClassification``, a ``KnGPT2ForSequenceClassification`` with its score head.
     """
     family = "gpt2" if teacher.config.model_type in GPT2_TYPES else "bert"
     if preset is not None and preset not in PRESETS[family]:
@@ -66,23 +66,11 @@ def convert_to_student(
         return kronecker_bert_from_bert(teacher, preset=preset, target_fraction=target_fraction, head=bert_head,
                                         **config_overrides)
     from ..convert_gpt2 import kngpt2_from_gpt2
-    from ..modeling_kngpt2 import KnGPT2ForSequenceClassification
 
-    # a GPT2ForSequenceClassification teacher: convert its transformer, keep its score head
-    lm = kngpt2_from_gpt2(getattr(teacher, "transformer", teacher) if hasattr(teacher, "score") else teacher,
-                          preset=preset, target_fraction=target_fraction)
-    if head == "causal-lm":
-        return lm
-    if head != "sequence-classification":
+    if head not in ("causal-lm", "sequence-classification"):
         raise ValueError(f"GPT-2 students have no {head!r} head")
-    config = lm.config
-    config.num_labels = teacher.config.num_labels
-    config.problem_type = teacher.config.problem_type
-    config.pad_token_id = teacher.config.pad_token_id
-    config.id2label, config.label2id = teacher.config.id2label, teacher.config.label2id
-    student = KnGPT2ForSequenceClassification(config)
-    student.transformer.load_state_dict(lm.transformer.state_dict())
-    if hasattr(teacher, "score"):
-        student.score.load_state_dict(teacher.score.state_dict())
-    student.compression_report = getattr(lm, "compression_report", None)
-    return student.to(dtype=teacher.dtype)
+    is_classifier = hasattr(teacher, "score")
+    if (head == "sequence-classification") != is_classifier:
+        raise ValueError(f"a {head} student needs a teacher with that head, got a {type(teacher).__name__}; "
+                         f"load the teacher with load_model(..., {head!r})")
+    return kngpt2_from_gpt2(teacher, preset=preset, target_fraction=target_fraction, **config_overrides)
