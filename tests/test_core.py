@@ -356,6 +356,14 @@ def test_kronecker_bert_from_bert_takes_bert_shaped_encoders(tmp_path):
     assert torch.equal(loaded(ids).logits, student(ids).logits)
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in student.parameters())
 
+    from kn_transformers.cli import main  # the paper preset from the shell, for a RoBERTa folder
+
+    roberta.save_pretrained(tmp_path / "dense")
+    assert main(["compress", str(tmp_path / "dense"), "--preset", "kroneckerbert21", "--output_dir",
+                 str(tmp_path / "cli")]) == 0
+    from_cli = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "cli").eval()
+    assert torch.equal(from_cli(ids).logits, student(ids).logits)
+
     small = kt.kronecker_bert_from_bert(electra, "kroneckerbert8", progress=False)
     emb = small.embeddings.word_embeddings  # ELECTRA's embeddings are 16 wide, the encoder 32
     assert isinstance(emb, kt.KroneckerEmbedding) and emb.a_shape == (96, 16 // PRESETS["kroneckerbert8"].embedding_n)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-__all__ = ["BERT_LAYOUT", "FFN_MODULES", "ffn_pattern"]
+__all__ = ["BERT_LAYOUT", "FFN_MODULES", "PAPER_FAMILY", "PAPER_PRESETS", "ffn_pattern"]
 
 _DECODER_MLP = r"(?:^|\.)layers\.(\d+)\.mlp$"
 
@@ -43,6 +43,13 @@ FFN_MODULES: dict[str, str] = {
 
 
 BERT_LAYOUT: tuple[str, ...] = ("roberta", "xlm-roberta", "electra")
+
+#: The paper presets of each family, the default first (``kngpt2_from_gpt2`` / ``kronecker_bert_from_bert``).
+PAPER_PRESETS: dict[str, tuple[str, ...]] = {"gpt2": ("paper",), "bert": ("kroneckerbert8", "kroneckerbert21")}
+
+#: Which paper family's presets a ``model_type`` takes (dense teachers and the paper students).
+PAPER_FAMILY: dict[str, str] = {"gpt2": "gpt2", "kngpt2": "gpt2", "bert": "bert", "kronecker-bert": "bert",
+                                **{model_type: "bert" for model_type in BERT_LAYOUT}}
 
 
 def ffn_pattern(model_type: Optional[str]) -> Optional[re.Pattern]:

@@ -306,7 +306,8 @@ def _main(argv: list) -> int:
     p = sub.add_parser("compress", help="teacher -> Kronecker student folder plus compression report")
     p.add_argument("teacher", help="model name or folder (any architecture; GPT-2/BERT also take the paper presets)")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--preset", default=None, help="paper (GPT-2) | kroneckerbert8 | kroneckerbert21 (BERT)")
+    p.add_argument("--preset", default=None,
+                   help="paper (GPT-2) | kroneckerbert8 | kroneckerbert21 (BERT, RoBERTa, XLM-R, ELECTRA)")
     p.add_argument("--target_fraction", type=_fraction, default=None, help="paper models: per-matrix fraction")
     p.add_argument("--target_modules", default=None,
                    help="any model: all-linear (default), a comma-separated list of module names/suffixes, or a regex")

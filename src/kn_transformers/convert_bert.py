@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .architectures import BERT_LAYOUT
+from .architectures import BERT_LAYOUT, PAPER_PRESETS
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
 from .core.config import KroneckerConfig
 from .core.kroneckerize import _base_prefix, decompose_module, kroneckerize
@@ -143,6 +143,8 @@ PRESETS: dict[str, KroneckerBertPreset] = {
 }
 
 #: ``head`` names → (BERT teacher class, KroneckerBERT class).
+assert tuple(PRESETS) == PAPER_PRESETS["bert"], "architectures.PAPER_PRESETS names the presets defined here"
+
 HEADS = {
     "base": (BertModel, KroneckerBertModel),
     "sequence-classification": (BertForSequenceClassification, KroneckerBertForSequenceClassification),

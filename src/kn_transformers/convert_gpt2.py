@@ -36,6 +36,7 @@ from transformers import (
 from transformers.utils import logging
 
 from .configuration_kngpt2 import KNGPT2_LAYER_MODULES, KnGPT2Config
+from .architectures import PAPER_PRESETS
 from .conversion import CompressionReport, ModuleReport, check_layer_indices, count_parameters
 from .core.kroneckerize import decompose_module
 from .factor_search import choose_kronecker_factors
@@ -47,7 +48,7 @@ logger = logging.get_logger(__name__)
 __all__ = ["PRESETS", "kngpt2_config_from_gpt2", "kngpt2_from_gpt2", "paper_kronecker_factors"]
 
 #: Presets accepted by ``preset=``.
-PRESETS = ("paper",)
+PRESETS = PAPER_PRESETS["gpt2"]
 
 _OVERRIDES = ("kronecker_factors", "layers", "modules", "embedding", "rank", "tie_word_embeddings")
 

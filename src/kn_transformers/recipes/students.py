@@ -6,29 +6,24 @@ from typing import Optional
 
 from transformers import AutoConfig, PreTrainedModel
 
+from ..architectures import PAPER_FAMILY, PAPER_PRESETS
 from ..loading import check_model_name_or_path
 
-GPT2_TYPES = ("gpt2", "kngpt2")
-BERT_TYPES = ("bert", "kronecker-bert")
-PRESETS = {"gpt2": ("paper",), "bert": ("kroneckerbert8", "kroneckerbert21")}
-
-
 def model_family(name_or_path: str) -> str:
-    """``"gpt2"`` or ``"bert"`` from a checkpoint's config (dense or Kronecker)."""
+    """``"gpt2"`` or ``"bert"``: the paper family whose presets a checkpoint takes (dense or
+    Kronecker; RoBERTa, XLM-R and ELECTRA take BERT's), from ``architectures.PAPER_FAMILY``."""
     name_or_path = check_model_name_or_path(name_or_path)
     model_type = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True).model_type
-    if model_type in GPT2_TYPES:
-        return "gpt2"
-    if model_type in BERT_TYPES:
-        return "bert"
-    raise ValueError(f"{name_or_path} is a {model_type!r} model; the recipes take GPT-2 or BERT checkpoints "
-                     "(dense teachers or KnGPT2/KroneckerBERT students)")
+    if model_type in PAPER_FAMILY:
+        return PAPER_FAMILY[model_type]
+    raise ValueError(f"{name_or_path} is a {model_type!r} model; the paper presets take "
+                     f"{', '.join(sorted(PAPER_FAMILY))} checkpoints")
 
 
 def load_model(name_or_path: str, head: str, **config_overrides) -> PreTrainedModel:
     """A dense teacher or Kronecker student with ``head`` in (``"sequence-classification"``, ``"causal-lm"``,
     ``"masked-lm"``, ``"question-answering"``, ``"base"``); Kronecker classes come from ``import kn_transformers``."""
-    import kn_transformers  # noqa: F401  (registers the Kronecker models with the Auto classes)
+    import kn_transformers  # noqa: F401 (registers the Kronecker models with the Auto classes)
     from transformers import (
         AutoModel,
         AutoModelForCausalLM,
@@ -51,20 +46,23 @@ def convert_to_student(
     GPT-2 teachers give a ``KnGPT2LMHeadModel`` (``head="causal-lm"``) or, from a
     ``GPT2ForSequenceClassification``, a ``KnGPT2ForSequenceClassification`` with its score head.
     """
-    family = "gpt2" if teacher.config.model_type in GPT2_TYPES else "bert"
-    if preset is not None and preset not in PRESETS[family]:
-        raise ValueError(f"preset {preset!r} is not for {family} teachers; use one of {PRESETS[family]}")
+    model_type = teacher.config.model_type
+    if model_type not in PAPER_FAMILY:
+        raise ValueError(f"a {model_type!r} teacher takes no paper preset; compress it with kroneckerize "
+                         "(or `kn-transformers compress --fraction ...`)")
+    family = PAPER_FAMILY[model_type]
+    if preset is not None and preset not in PAPER_PRESETS[family]:
+        raise ValueError(f"preset {preset!r} is not for {family} teachers; use one of {PAPER_PRESETS[family]}")
     if preset is None and target_fraction is None:
-        preset = PRESETS[family][0]
+        preset = PAPER_PRESETS[family][0]
     if family == "bert":
         from ..convert_bert import kronecker_bert_from_bert
 
-        bert_head = {"sequence-classification": "sequence-classification", "masked-lm": "masked-lm",
-                     "base": "base"}.get(head)
-        if bert_head is None:
+        if head not in ("sequence-classification", "masked-lm", "base"):
             raise ValueError(f"BERT students have no {head!r} head")
-        return kronecker_bert_from_bert(teacher, preset=preset, target_fraction=target_fraction, head=bert_head,
-                                        **config_overrides)
+        # a BERT-shaped encoder (RoBERTa...) keeps its own class, so its head is the teacher's
+        return kronecker_bert_from_bert(teacher, preset=preset, target_fraction=target_fraction,
+                                        head=head if model_type == "bert" else None, **config_overrides)
     from ..convert_gpt2 import kngpt2_from_gpt2
 
     if head not in ("causal-lm", "sequence-classification"):
