@@ -387,3 +387,30 @@ def test_paper_preset_parameter_counts_are_unchanged():
         bert21 = kt.KroneckerBertModel(kronecker_bert_config(transformers.BertConfig(), "kroneckerbert21"))
     counts = [sum(p.numel() for p in m.parameters()) for m in (gpt2, bert8, bert21)]
     assert counts == [122_504_882, 14_654_216, 5_228_272]
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_merge_to_dense_any_architecture(name, tmp_path):
+    """A kroneckerized model merges back to its own dense class: same logits, no quantization entry."""
+    teacher, auto, _ = _teacher(name)
+    student = kt.kroneckerize(teacher, kt.KroneckerConfig(fraction=0.25, embedding=True), progress=False)
+    dense = kt.merge_to_dense(student)
+    assert type(dense) is type(teacher) and not _kronecker_modules(dense)
+    ids = _ids()
+    assert _rel(dense(ids).logits, student(ids).logits) < 1e-5
+    dense.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert torch.equal(auto.from_pretrained(tmp_path).eval()(ids).logits, dense(ids).logits)
+
+
+def test_cli_export_dense_of_a_kroneckerized_folder(tmp_path):
+    from kn_transformers.cli import main
+
+    teacher, auto, _ = _teacher("llama")
+    student = kt.kroneckerize(teacher, kt.KroneckerConfig(fraction=0.25), progress=False)
+    student.save_pretrained(tmp_path / "k")
+    assert main(["export", str(tmp_path / "k"), str(tmp_path / "dense"), "--format", "dense"]) == 0
+    loaded = auto.from_pretrained(tmp_path / "dense").eval()
+    assert not _kronecker_modules(loaded)
+    ids = _ids()
+    assert _rel(loaded(ids).logits, student(ids).logits) < 1e-5

@@ -10,11 +10,14 @@ wherever transformers does.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from ..core.config import QUANT_METHOD
 from ..kronecker import KroneckerEmbedding, KroneckerLinear
 
 __all__ = ["merge_to_dense", "dense_class_of"]
@@ -34,6 +37,12 @@ def dense_class_of(model: nn.Module) -> type[PreTrainedModel]:
         f"merge_to_dense expects a Kronecker transformers model (KnGPT2*, KroneckerBert*), got "
         f"{type(model).__name__}; for a single layer use KroneckerLinear.to_dense()"
     )
+
+
+def _is_kroneckerized(model: PreTrainedModel) -> bool:
+    quantization = getattr(model.config, "quantization_config", None)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    return method == QUANT_METHOD
 
 
 def _dense_config(model: PreTrainedModel, dense_cls: type[PreTrainedModel]):
@@ -84,7 +93,8 @@ def merge_to_dense(model: PreTrainedModel) -> PreTrainedModel:
     """The vanilla transformers model computing what ``model`` computes, with dense weights.
 
     ``model``: a KnGPT2 or KroneckerBERT model (any head, optimised with
-    ``optimize_for_inference`` or not). Returns e.g. a ``GPT2LMHeadModel`` or a
+    ``optimize_for_inference`` or not), or any model ``kroneckerize`` made (its own class without
+    the ``quantization_config``). Returns e.g. a ``GPT2LMHeadModel``, a ``LlamaForCausalLM`` or a
     ``BertForSequenceClassification`` on ``model``'s device and dtype, in eval mode if ``model``
     is, whose config has no Kronecker field: ``save_pretrained`` writes a folder that loads
     without ``kn_transformers``. A head tied to a Kronecker embedding (logits computed factored)
@@ -92,8 +102,15 @@ def merge_to_dense(model: PreTrainedModel) -> PreTrainedModel:
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"merge_to_dense expects a transformers PreTrainedModel, got {type(model).__name__}")
-    dense_cls = dense_class_of(model)
-    config = _dense_config(model, dense_cls)
+    if _is_kroneckerized(model):  # kroneckerize's output: the architecture's own class, minus the quantization entry
+        dense_cls = type(model)
+        config = copy.deepcopy(model.config)
+        del config.quantization_config
+        if getattr(config, "_attn_implementation", None) == "kn_eager_scores":
+            config._attn_implementation = "eager"
+    else:
+        dense_cls = dense_class_of(model)
+        config = _dense_config(model, dense_cls)
     param = next(model.parameters())
     with no_init_weights(), torch.device(param.device):
         dense = dense_cls(config)  # real buffers (position ids, masks); weights come from ``model``
