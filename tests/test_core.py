@@ -400,7 +400,10 @@ def test_merge_to_dense_any_architecture(name, tmp_path):
     assert _rel(dense(ids).logits, student(ids).logits) < 1e-5
     dense.save_pretrained(tmp_path)
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
-    assert torch.equal(auto.from_pretrained(tmp_path).eval()(ids).logits, dense(ids).logits)
+    reloaded = auto.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in reloaded.state_dict().items())
+    # the same weights; logits not bitwise: BLAS may take another kernel for memory-mapped tensors
+    assert _rel(reloaded(ids).logits, dense(ids).logits) < 1e-6
 
 
 def test_cli_export_dense_of_a_kroneckerized_folder(tmp_path):

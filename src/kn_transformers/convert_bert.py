@@ -20,7 +20,6 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 from transformers import (
-    AutoConfig,
     BertConfig,
     BertForMaskedLM,
     BertForQuestionAnswering,
@@ -36,7 +35,7 @@ from .core.config import KroneckerConfig
 from .core.kroneckerize import _base_prefix, decompose_module, kroneckerize
 from .conversion import CompressionReport, check_layer_indices, count_parameters, replace_module
 from .factor_search import choose_embedding_factors, choose_kronecker_factors
-from .loading import check_model_name_or_path
+from .loading import load_teacher
 from .modeling_kronecker_bert import (
     KroneckerBertForMaskedLM,
     KroneckerBertForQuestionAnswering,
@@ -272,22 +271,23 @@ def _not_bert_message(model_type, what) -> str:
 _TEACHER_ARCHITECTURES = {cls.__name__: cls for cls, _ in HEADS.values()}
 
 
+def _check_bert_config(config, what: str) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type != "bert" and model_type not in BERT_LAYOUT:
+        raise ValueError(_not_bert_message(model_type, what))
+
+
+def _teacher_class(config) -> type:
+    """BERT: the head class ``config.architectures`` names where KroneckerBERT has it (else
+    ``BertModel``); a BERT-shaped encoder: its own class (``AutoModel`` when none is named)."""
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    if config.model_type == "bert":
+        return _TEACHER_ARCHITECTURES.get(arch, BertModel)
+    return getattr(transformers, arch or "", transformers.AutoModel)
+
+
 def _load_teacher(teacher) -> PreTrainedModel:
-    if isinstance(teacher, (str, os.PathLike)):
-        teacher = check_model_name_or_path(teacher, "teacher")
-        config = AutoConfig.from_pretrained(teacher)
-        if config.model_type != "bert" and config.model_type not in BERT_LAYOUT:
-            raise ValueError(_not_bert_message(config.model_type, f"{str(teacher)!r}"))
-        arch = (getattr(config, "architectures", None) or [None])[0]
-        if config.model_type == "bert":
-            return _TEACHER_ARCHITECTURES.get(arch, BertModel).from_pretrained(teacher, config=config)
-        return getattr(transformers, arch or "", transformers.AutoModel).from_pretrained(teacher, config=config)
-    if isinstance(teacher, PreTrainedModel):
-        model_type = getattr(teacher.config, "model_type", None)
-        if model_type != "bert" and model_type not in BERT_LAYOUT:
-            raise ValueError(_not_bert_message(model_type, f"a {type(teacher).__name__}"))
-        return teacher
-    raise ValueError(f"teacher must be a BERT model, a checkpoint path or a Hub name, got {type(teacher).__name__}")
+    return load_teacher(teacher, _check_bert_config, _teacher_class)
 
 
 def _from_bert_layout(teacher: PreTrainedModel, preset, target_fraction, normalize, head, progress, svd_dtype,

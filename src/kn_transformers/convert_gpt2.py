@@ -31,7 +31,6 @@ from transformers import (
     GPT2LMHeadModel,
     GPT2Model,
     PretrainedConfig,
-    PreTrainedModel,
 )
 from transformers.utils import logging
 
@@ -40,7 +39,7 @@ from .architectures import PAPER_PRESETS
 from .conversion import CompressionReport, ModuleReport, check_layer_indices, count_parameters
 from .core.kroneckerize import decompose_module
 from .factor_search import choose_kronecker_factors
-from .loading import check_model_name_or_path
+from .loading import load_teacher
 from .modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel
 
 logger = logging.get_logger(__name__)
@@ -160,16 +159,13 @@ def kngpt2_config_from_gpt2(
                            "tie_word_embeddings": tie})
 
 
-def _load_teacher(teacher: Union[str, nn.Module]) -> GPT2LMHeadModel:
-    if isinstance(teacher, (str, bytes)) or hasattr(teacher, "__fspath__"):
-        from transformers import AutoConfig
+def _teacher_class(config) -> type:
+    return GPT2ForSequenceClassification if "GPT2ForSequenceClassification" in (config.architectures or []) \
+        else GPT2LMHeadModel
 
-        source = check_model_name_or_path(teacher, "teacher")
-        config = AutoConfig.from_pretrained(source)
-        _check_gpt2_config(config, repr(source))
-        if "GPT2ForSequenceClassification" in (config.architectures or []):
-            return GPT2ForSequenceClassification.from_pretrained(source)
-        return GPT2LMHeadModel.from_pretrained(source)
+
+def _load_teacher(teacher: Union[str, nn.Module]) -> GPT2LMHeadModel:
+    teacher = load_teacher(teacher, _check_gpt2_config, _teacher_class)
     if isinstance(teacher, (GPT2LMHeadModel, GPT2ForSequenceClassification)):
         return teacher
     if isinstance(teacher, GPT2Model):
@@ -178,14 +174,9 @@ def _load_teacher(teacher: Union[str, nn.Module]) -> GPT2LMHeadModel:
         wrapped.transformer = teacher
         wrapped.lm_head.weight = teacher.wte.weight  # a bare GPT2Model's only head is its embedding
         return wrapped.train(teacher.training)
-    if isinstance(teacher, PreTrainedModel):
-        _check_gpt2_config(teacher.config, type(teacher).__name__)
-        raise ValueError(
-            f"kngpt2_from_gpt2 takes a GPT2LMHeadModel, GPT2ForSequenceClassification or GPT2Model, got "
-            f"{type(teacher).__name__}: pass its .transformer or the GPT2LMHeadModel checkpoint"
-        )
     raise ValueError(
-        f"teacher must be a model name, a local path, or a GPT2LMHeadModel/GPT2Model, got {type(teacher).__name__}"
+        f"kngpt2_from_gpt2 takes a GPT2LMHeadModel, GPT2ForSequenceClassification or GPT2Model, got "
+        f"{type(teacher).__name__}: pass its .transformer or the GPT2LMHeadModel checkpoint"
     )
 
 
