@@ -9,6 +9,7 @@ from typing import Optional
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .conversion import CompressionReport, count_parameters
+from .core.config import is_kroneckerized
 
 _TEMPLATES = {"kngpt2": "kngpt2.md", "kronecker-bert": "kronecker_bert.md"}
 # metric name -> (Hub metric type, pretty name)
@@ -103,7 +104,7 @@ def create_model_card(
     )
     ratio = f", {teacher_n / n_params:.2f}x fewer than the teacher's {teacher_n:,}" if teacher_n else ""
     quantization = getattr(model.config, "quantization_config", None)
-    kroneckerized = getattr(quantization, "quant_method", None) == "kn-transformers"
+    kroneckerized = is_kroneckerized(model)
     kron_modules = sorted(getattr(model.config, "kronecker_factors", {}) or {}) or sorted(
         getattr(quantization, "modules", {}) if kroneckerized else {})
     compression_text = (

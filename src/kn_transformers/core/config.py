@@ -16,12 +16,22 @@ from typing import Any, Optional, Union
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-__all__ = ["KroneckerConfig", "QUANT_METHOD"]
+__all__ = ["KroneckerConfig", "QUANT_METHOD", "is_kroneckerized"]
 
 #: ``quantization_config.quant_method`` of a compressed model's ``config.json``. Named after the
 #: package, as transformers' own methods are (bitsandbytes, torchao, compressed-tensors): without
 #: it installed, transformers' "Unknown quantization type, got kn-transformers" says what is missing.
 QUANT_METHOD = "kn-transformers"
+
+def is_kroneckerized(model) -> bool:
+    """Whether ``model`` (or a config) carries a ``quantization_config`` of this package, i.e. was
+    made by ``kroneckerize`` (as an object or, before it is parsed, as a dict)."""
+    config = getattr(model, "config", model)
+    quantization = getattr(config, "quantization_config", None)
+    method = (quantization.get("quant_method") if isinstance(quantization, dict)
+              else getattr(quantization, "quant_method", None))
+    return method == QUANT_METHOD
+
 
 INITS = ("svd", "random")
 TIED_HEADS = ("factored", "dense")

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from ..core.config import QUANT_METHOD
+from ..core.config import is_kroneckerized
 from ..kronecker import KroneckerEmbedding, KroneckerLinear
 
 __all__ = ["merge_to_dense", "dense_class_of"]
@@ -37,12 +37,6 @@ def dense_class_of(model: nn.Module) -> type[PreTrainedModel]:
         f"merge_to_dense expects a Kronecker transformers model (KnGPT2*, KroneckerBert*), got "
         f"{type(model).__name__}; for a single layer use KroneckerLinear.to_dense()"
     )
-
-
-def _is_kroneckerized(model: PreTrainedModel) -> bool:
-    quantization = getattr(model.config, "quantization_config", None)
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
-    return method == QUANT_METHOD
 
 
 def _dense_config(model: PreTrainedModel, dense_cls: type[PreTrainedModel]):
@@ -102,7 +96,7 @@ def merge_to_dense(model: PreTrainedModel) -> PreTrainedModel:
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"merge_to_dense expects a transformers PreTrainedModel, got {type(model).__name__}")
-    if _is_kroneckerized(model):  # kroneckerize's output: the architecture's own class, minus the quantization entry
+    if is_kroneckerized(model):  # kroneckerize's output: the architecture's own class, minus the quantization entry
         dense_cls = type(model)
         config = copy.deepcopy(model.config)
         del config.quantization_config
