@@ -42,6 +42,7 @@ from kn_transformers import (
     kronecker_to_dense,
 )
 from kn_transformers.conversion import count_parameters
+from kn_transformers.core import TiedKroneckerHead
 
 LAYER_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 VOCAB = 96
@@ -155,7 +156,8 @@ def test_full_rank_conversion_reproduces_teacher_logits(dtype, tol, tie):
     student, report = kngpt2_from_gpt2(
         teacher, preset=None, kronecker_factors=factors, tie_word_embeddings=tie, progress=False, return_report=True
     )
-    assert student.has_factored_head is tie and (student.lm_head is None) is tie
+    assert student.has_factored_head is tie and isinstance(student.lm_head, TiedKroneckerHead) is tie
+    assert ("lm_head.weight" in student.state_dict()) is not tie
     assert next(student.parameters()).dtype == dtype and not student.training
     x = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

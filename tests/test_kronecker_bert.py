@@ -49,6 +49,7 @@ from kn_transformers import (
     nearest_kronecker,
 )
 from kn_transformers.conversion import count_parameters
+from kn_transformers.core import TiedKroneckerHead
 from kn_transformers.modeling_kronecker_bert import KroneckerBertLayer
 
 F64 = torch.float64
@@ -210,13 +211,14 @@ def test_untied_mlm_decoder_is_copied_dense():
 def test_factored_mlm_decoder_is_the_embedding():
     teacher = make_teacher(BertForMaskedLM)
     student = kronecker_bert_from_bert(teacher, "kroneckerbert8", progress=False)
-    assert student.factored_decoder and student.get_output_embeddings() is None
+    assert student.factored_decoder and isinstance(student.get_output_embeddings(), TiedKroneckerHead)
+    assert student.get_output_embeddings().embedding is student.bert.embeddings.word_embeddings
     assert not any("decoder" in k for k in student.state_dict())
     emb = student.bert.embeddings.word_embeddings
     h = torch.randn(3, 16)
     head = student.cls.predictions
     expected = head.transform(h) @ emb.weight.T + head.bias
-    torch.testing.assert_close(head(h, emb), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(head(h), expected, rtol=1e-5, atol=1e-5)
     # training the embedding moves the MLM logits: the tie is real
     labels = batch()["input_ids"].clone()
     loss = student(**batch(), labels=labels).loss

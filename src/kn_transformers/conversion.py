@@ -1,4 +1,4 @@
-"""The compression report, the module swap and the checks shared by every conversion.
+"""The compression report and the checks shared by every conversion.
 
 ``kroneckerize`` and the paper models' converters (``kngpt2_from_gpt2``, ``kronecker_bert_from_bert``)
 decompose through :func:`kn_transformers.core.kroneckerize.decompose_module` and report with
@@ -76,14 +76,6 @@ class CompressionReport:
             f"({self.compression:.2f}x smaller)"
         )
         return "\n".join(lines)
-
-
-@torch.no_grad()
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Set the submodule at dotted path ``name`` of ``root`` to ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -33,7 +33,8 @@ from .architectures import BERT_LAYOUT, PAPER_PRESETS
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
 from .core.config import KroneckerConfig
 from .core.kroneckerize import _base_prefix, decompose_module, kroneckerize
-from .conversion import CompressionReport, check_layer_indices, count_parameters, replace_module
+from .conversion import CompressionReport, check_layer_indices, count_parameters
+from .core.dispatch import replace_module
 from .factor_search import choose_embedding_factors, choose_kronecker_factors
 from .loading import load_teacher
 from .modeling_kronecker_bert import (
@@ -442,6 +443,7 @@ def kronecker_bert_from_bert(
     finally:
         torch.set_num_threads(threads)
 
+    student.tie_weights()  # a factored MLM decoder reads the new word embedding
     # Everything else is copied: the base model by name, the head where the teacher has the same one.
     initialised = []
     t_state = t_base.state_dict()

@@ -1,7 +1,7 @@
 """KnGPT2: GPT-2 whose token embedding and chosen layer matrices are Kronecker products.
 
-The models are GPT-2's own classes with some modules swapped at construction time, as
-``config.kronecker_factors`` says: ``wte`` becomes a :class:`KroneckerEmbedding`, and a
+The models are GPT-2's own classes with some modules swapped at construction time through the
+core's module table (``apply_kronecker_factors``), as ``config.kronecker_factors`` says: ``wte`` becomes a :class:`KroneckerEmbedding`, and a
 block's ``attn.c_attn`` / ``attn.c_proj`` / ``mlp.c_fc`` / ``mlp.c_proj`` (``Conv1D``) become
 :class:`KroneckerLinear`. Everything else (attention through ``ALL_ATTENTION_FUNCTIONS``,
 masks, KV cache, output recording, the classification pooling rule) is GPT-2's code, so
@@ -11,9 +11,9 @@ masks, KV cache, output recording, the classification pooling rule) is GPT-2's c
 Construction only allocates factor shapes with a random init (``from_pretrained`` builds on
 the meta device); factors from a dense teacher come from ``kn_transformers.kngpt2_from_gpt2``.
 
-Imports: torch, transformers and sibling files only (relative), because
-``register_for_auto_class`` copies this file and its relative imports flat next to a saved
-checkpoint, for ``trust_remote_code`` users who do not have ``kn_transformers``.
+Imports: torch, transformers and package modules only (relative): ``save_pretrained`` writes
+this file and what it imports next to the weights, for ``trust_remote_code`` users who do not
+have ``kn_transformers``.
 """
 
 import math
@@ -21,9 +21,6 @@ import math
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Attention,
     GPT2Block,
@@ -33,13 +30,13 @@ from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Model,
     GPT2PreTrainedModel,
 )
-from transformers.utils import can_return_tuple
 
 from .activations import activate, inplace_activation
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kngpt2 import KnGPT2Config
+from .core.dispatch import TiedKroneckerHead, apply_kronecker_factors
 from .kronecker import KroneckerEmbedding, KroneckerLinear, init_kronecker_
-from .strict_loading import StrictKroneckerLoadingMixin
+from .kronecker_pretrained import KroneckerPreTrainedMixin
 
 __all__ = [
     "KnGPT2PreTrainedModel",
@@ -48,18 +45,17 @@ __all__ = [
     "KnGPT2ForSequenceClassification",
 ]
 
-_AUTO_CLASSES = {
-    "AutoModel": "KnGPT2Model",
-    "AutoModelForCausalLM": "KnGPT2LMHeadModel",
-    "AutoModelForSequenceClassification": "KnGPT2ForSequenceClassification",
-}
-
-
-class KnGPT2PreTrainedModel(StrictKroneckerLoadingMixin, GPT2PreTrainedModel):
-    """Base class: config class, weight init of the Kronecker modules, ``auto_map`` on save."""
+class KnGPT2PreTrainedModel(KroneckerPreTrainedMixin, GPT2PreTrainedModel):
+    """Base class: config class, weight init of the Kronecker modules, strict loading, code and
+    ``auto_map`` on save (:class:`KroneckerPreTrainedMixin`)."""
 
     config: KnGPT2Config
     config_class = KnGPT2Config
+    _auto_classes = {
+        "AutoModel": "KnGPT2Model",
+        "AutoModelForCausalLM": "KnGPT2LMHeadModel",
+        "AutoModelForSequenceClassification": "KnGPT2ForSequenceClassification",
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -76,34 +72,6 @@ class KnGPT2PreTrainedModel(StrictKroneckerLoadingMixin, GPT2PreTrainedModel):
             init_kronecker_(module.c_proj, std / math.sqrt(2 * self.config.n_layer))
             return
         super()._init_weights(module)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained`` with ``auto_map`` naming all four Auto classes.
-
-        ``register_for_auto_class`` records only the saved class; a KnGPT2 folder should load
-        with ``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM`` and
-        ``AutoModelForSequenceClassification`` alike (``trust_remote_code=True``).
-        """
-        module = type(self).__module__.rsplit(".", 1)[-1]
-        config_module = type(self.config).__module__.rsplit(".", 1)[-1]
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map["AutoConfig"] = f"{config_module}.{type(self.config).__name__}"
-        auto_map.update({auto: f"{module}.{name}" for auto, name in _AUTO_CLASSES.items()})
-        self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-
-def _kronecker_linear_like(conv: nn.Module, spec: dict) -> KroneckerLinear:
-    """A randomly initialised ``KroneckerLinear`` with the (out, in) shape and bias of ``conv`` (``Conv1D``)."""
-    return KroneckerLinear(
-        conv.nx,
-        conv.nf,
-        tuple(spec["a_shape"]),
-        rank=spec["rank"],
-        bias=conv.bias is not None,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
 
 
 class KnGPT2MLP(GPT2MLP):
@@ -136,13 +104,9 @@ class KnGPT2Model(KnGPT2PreTrainedModel, GPT2Model):
         config._normalized_kronecker_factors()  # re-validate: the config may have been edited since init
         self.embed_dim = config.hidden_size
 
-        wte_spec = config.kronecker_spec("wte")
-        if wte_spec is None:
-            self.wte = nn.Embedding(config.vocab_size, self.embed_dim)
-        else:
-            self.wte = KroneckerEmbedding(
-                config.vocab_size, self.embed_dim, tuple(wte_spec["a_shape"]), rank=wte_spec["rank"]
-            )
+        # a dense wte to be replaced is only a shape: built on the meta device, never allocated
+        kronecker_wte = config.kronecker_spec("wte") is not None
+        self.wte = nn.Embedding(config.vocab_size, self.embed_dim, device="meta" if kronecker_wte else None)
         self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
 
         self.drop = nn.Dropout(config.embd_pdrop)
@@ -151,12 +115,7 @@ class KnGPT2Model(KnGPT2PreTrainedModel, GPT2Model):
             block.mlp = KnGPT2MLP.from_mlp(block.mlp, config)
         self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
 
-        for name, spec in (config.kronecker_factors or {}).items():
-            if name == "wte":
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = self.get_submodule(parent_name)
-            setattr(parent, child, _kronecker_linear_like(getattr(parent, child), spec))
+        apply_kronecker_factors(self, config.kronecker_factors, device=self.wpe.weight.device)
 
         self.gradient_checkpointing = False
         self._attn_implementation = config._attn_implementation
@@ -166,8 +125,9 @@ class KnGPT2Model(KnGPT2PreTrainedModel, GPT2Model):
 class KnGPT2LMHeadModel(KnGPT2PreTrainedModel, GPT2LMHeadModel, GenerationMixin):
     """KnGPT2 with a language-modelling head; generation with the KV cache, causal-LM loss.
 
-    Head: with a Kronecker ``wte`` and ``config.tie_word_embeddings=True`` the logits are
-    ``KroneckerEmbedding.logits(h)`` (factored; no ``lm_head`` module or weight exists);
+    ``forward`` is GPT-2's. Head: with a Kronecker ``wte`` and ``config.tie_word_embeddings=True``
+    ``lm_head`` is a :class:`TiedKroneckerHead` (logits ``KroneckerEmbedding.logits(h)``, factored;
+    no ``lm_head`` weight exists);
     otherwise ``lm_head`` is a dense ``nn.Linear(n_embd, vocab_size, bias=False)``, tied to a
     dense ``wte`` when ``tie_word_embeddings`` and untied (the KnGPT2 paper) with a Kronecker one.
     """
@@ -177,7 +137,7 @@ class KnGPT2LMHeadModel(KnGPT2PreTrainedModel, GPT2LMHeadModel, GenerationMixin)
         self.transformer = KnGPT2Model(config)
         kronecker_wte = isinstance(self.transformer.wte, KroneckerEmbedding)
         if kronecker_wte and config.tie_word_embeddings:
-            self.lm_head = None
+            self.lm_head = TiedKroneckerHead(self.transformer.wte)
         else:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if kronecker_wte:
@@ -189,58 +149,7 @@ class KnGPT2LMHeadModel(KnGPT2PreTrainedModel, GPT2LMHeadModel, GenerationMixin)
     @property
     def has_factored_head(self) -> bool:
         """True when logits come from the Kronecker embedding's factors (no ``V×d`` matrix)."""
-        return self.lm_head is None
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``(..., n_embd) -> (..., vocab_size)`` through the dense or the factored head."""
-        if self.lm_head is None:
-            return self.transformer.wte.logits(hidden_states)
-        return self.lm_head(hidden_states)
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.LongTensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithCrossAttentions:
-        """As ``GPT2LMHeadModel.forward``; ``labels`` are shifted inside (``labels = input_ids`` works)."""
-        transformer_outputs = self.transformer(
-            input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        hidden_states = slice_logits_to_keep(transformer_outputs.last_hidden_state, logits_to_keep)
-        logits = self.compute_logits(hidden_states)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-
-        return CausalLMOutputWithCrossAttentions(
-            loss=loss,
-            logits=logits,
-            past_key_values=transformer_outputs.past_key_values,
-            hidden_states=transformer_outputs.hidden_states,
-            attentions=transformer_outputs.attentions,
-            cross_attentions=transformer_outputs.cross_attentions,
-        )
+        return isinstance(self.lm_head, TiedKroneckerHead)
 
 
 class KnGPT2ForSequenceClassification(KnGPT2PreTrainedModel, GPT2ForSequenceClassification):
@@ -256,11 +165,3 @@ class KnGPT2ForSequenceClassification(KnGPT2PreTrainedModel, GPT2ForSequenceClas
         self.transformer = KnGPT2Model(config)
         self.score = nn.Linear(config.n_embd, self.num_labels, bias=False)
         self.post_init()
-
-
-# `save_pretrained` then copies this file, its relative imports and the config file next to the
-# weights and writes `auto_map`, so that `trust_remote_code=True` loads without kn_transformers.
-KnGPT2Config.register_for_auto_class()
-KnGPT2Model.register_for_auto_class("AutoModel")
-KnGPT2LMHeadModel.register_for_auto_class("AutoModelForCausalLM")
-KnGPT2ForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")

@@ -1,7 +1,8 @@
 """KroneckerBERT (Tahaei et al., 2022): BERT whose embedding and encoder matrices are Kronecker products.
 
 The models are BERT's own classes with the matrices listed in ``config.kronecker_factors``
-swapped for :class:`KroneckerLinear` / :class:`KroneckerEmbedding` before ``post_init()``.
+swapped for :class:`KroneckerLinear` / :class:`KroneckerEmbedding` through the core's module
+table (``apply_kronecker_factors``) before ``post_init()``.
 Everything else (embeddings sum, LayerNorms, attention through ``ALL_ATTENTION_FUNCTIONS``,
 masks, output recording, heads and losses) is BERT's code, so what BERT returns is what
 these models return:
@@ -15,16 +16,14 @@ these models return:
 The constructors only build shapes (random init through ``_init_weights``); the nearest
 Kronecker factors of a teacher are computed by ``kn_transformers.kronecker_bert_from_bert``.
 
-This file imports torch, transformers and its siblings only (relative imports), because
-``register_for_auto_class`` copies it flat next to a saved model for ``trust_remote_code``.
+This file imports torch, transformers and package modules only (relative imports):
+``save_pretrained`` writes it and what it imports next to the weights, so that
+``trust_remote_code=True`` loads a saved model without kn_transformers.
 """
 
 
 import torch
 from torch import nn
-from torch.nn import CrossEntropyLoss
-from transformers import initialization as init
-from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.bert.modeling_bert import (
     BertEmbeddings,
     BertEncoder,
@@ -33,6 +32,7 @@ from transformers.models.bert.modeling_bert import (
     BertForSequenceClassification,
     BertIntermediate,
     BertLayer,
+    BertLMPredictionHead,
     BertModel,
     BertOnlyMLMHead,
     BertPooler,
@@ -40,78 +40,39 @@ from transformers.models.bert.modeling_bert import (
     BertPreTrainedModel,
 )
 from transformers.utils import logging
-from transformers.utils.generic import can_return_tuple
 
 from .activations import activate, global_hooks_registered, inplace_activation
 from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kronecker_bert import KroneckerBertConfig
+from .core.dispatch import TiedKroneckerHead, apply_kronecker_factors
 from .kronecker import KroneckerEmbedding, KroneckerLinear, init_kronecker_
-from .strict_loading import StrictKroneckerLoadingMixin
+from .kronecker_pretrained import KroneckerPreTrainedMixin
 
 logger = logging.get_logger(__name__)
 
 
-def apply_kronecker_factors(base_model: nn.Module, config: KroneckerBertConfig) -> None:
-    """Swap each module named in ``config.kronecker_factors`` for a Kronecker one of the same shape.
+class KroneckerBertLMPredictionHead(BertLMPredictionHead):
+    """BERT's MLM prediction head whose decoder is tied to a Kronecker word embedding:
+    ``logits = E · transform(h) + bias``.
 
-    ``base_model`` is a BERT base model (``embeddings``, ``encoder``). ``nn.Linear`` becomes
-    :class:`KroneckerLinear` (bias kept), ``nn.Embedding`` :class:`KroneckerEmbedding`, on the dense
-    module's device and dtype (the meta device under ``from_pretrained``). Factors are left to
-    ``_init_weights``; no decomposition happens here.
-
-    The Kronecker word embedding gets no ``padding_idx``: for ``nn.Embedding`` it only freezes that
-    row's gradient, which a shared Kronecker table cannot do without masking the row's output (and
-    its MLM logit) to zero, i.e. computing another function. Pretrained BERTs have non-zero
-    ``[PAD]`` rows (MiniLM's has norm 0.77), so the student looks the row up like BERT does.
-    """
-    for name, spec in (config.kronecker_factors or {}).items():
-        dense = base_model.get_submodule(name)
-        a_shape, rank = tuple(spec["a_shape"]), spec["rank"]
-        factory = {"device": dense.weight.device, "dtype": dense.weight.dtype}
-        if isinstance(dense, nn.Embedding):
-            new = KroneckerEmbedding(
-                dense.num_embeddings, dense.embedding_dim, a_shape, rank=rank, padding_idx=None, **factory
-            )
-        elif isinstance(dense, nn.Linear):
-            new = KroneckerLinear(
-                dense.in_features, dense.out_features, a_shape, rank=rank, bias=dense.bias is not None, **factory
-            )
-        else:
-            raise TypeError(f"kronecker_factors[{name!r}] names a {type(dense).__name__}, not nn.Linear/nn.Embedding")
-        parent_name, _, child = name.rpartition(".")
-        setattr(base_model.get_submodule(parent_name), child, new)
-
-
-class KroneckerBertLMPredictionHead(nn.Module):
-    """MLM head tied to a Kronecker word embedding: ``logits = E · transform(h) + bias``.
-
-    ``E`` (``vocab × hidden``) is never built: :meth:`KroneckerEmbedding.logits` contracts
-    ``(..., hidden)`` with the factors (two small matmuls) into ``(..., vocab)``. Parameter names
+    ``E`` (``vocab × hidden``) is never built: ``decoder`` is a :class:`TiedKroneckerHead`, which
+    contracts ``(..., hidden)`` with the embedding's factors into ``(..., vocab)``. Parameter names
     (``transform.*``, ``bias``) are BERT's, so a teacher's MLM head loads as is.
     """
 
-    def __init__(self, config):
-        super().__init__()
+    def __init__(self, config, word_embeddings: KroneckerEmbedding):
+        nn.Module.__init__(self)
         self.transform = BertPredictionHeadTransform(config)
+        self.decoder = TiedKroneckerHead(word_embeddings)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden_states: torch.Tensor, word_embeddings: KroneckerEmbedding) -> torch.Tensor:
-        return word_embeddings.logits(self.transform(hidden_states)) + self.bias
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states)) + self.bias
 
 
-class KroneckerBertOnlyMLMHead(nn.Module):
-    """``cls.predictions`` as in BERT, with the factored tied decoder."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.predictions = KroneckerBertLMPredictionHead(config)
-
-    def forward(self, sequence_output: torch.Tensor, word_embeddings: KroneckerEmbedding) -> torch.Tensor:
-        return self.predictions(sequence_output, word_embeddings)
-
-
-class KroneckerBertPreTrainedModel(StrictKroneckerLoadingMixin, BertPreTrainedModel):
-    """Base class: BERT's, plus the init of the Kronecker modules and the full ``auto_map`` on save.
+class KroneckerBertPreTrainedModel(KroneckerPreTrainedMixin, BertPreTrainedModel):
+    """Base class: BERT's, plus the init of the Kronecker modules, strict loading, code and the
+    full ``auto_map`` on save (:class:`KroneckerPreTrainedMixin`).
 
     ``accepts_loss_kwargs = False``: the heads average their loss over the batch and ignore
     ``num_items_in_batch``, so Trainer must divide by the gradient-accumulation steps itself;
@@ -124,6 +85,12 @@ class KroneckerBertPreTrainedModel(StrictKroneckerLoadingMixin, BertPreTrainedMo
     base_model_prefix = "bert"
     accepts_loss_kwargs = False
     _no_split_modules = ["BertEmbeddings", "BertLayer", "KroneckerBertLayer"]
+    _auto_classes = {
+        "AutoModel": "KroneckerBertModel",
+        "AutoModelForSequenceClassification": "KroneckerBertForSequenceClassification",
+        "AutoModelForMaskedLM": "KroneckerBertForMaskedLM",
+        "AutoModelForQuestionAnswering": "KroneckerBertForQuestionAnswering",
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -133,16 +100,6 @@ class KroneckerBertPreTrainedModel(StrictKroneckerLoadingMixin, BertPreTrainedMo
         std = self.config.initializer_range
         if isinstance(module, (KroneckerLinear, KroneckerEmbedding)):
             init_kronecker_(module, std)
-        elif isinstance(module, KroneckerBertLMPredictionHead):
-            init.zeros_(module.bias)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As ``PreTrainedModel.save_pretrained``; the config's ``auto_map`` lists every KroneckerBERT
-        class, so the folder loads with any of the Auto classes under ``trust_remote_code``."""
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map.update(_auto_map())
-        self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class KroneckerBertIntermediate(BertIntermediate):
@@ -231,7 +188,7 @@ class KroneckerBertModel(KroneckerBertPreTrainedModel, BertModel):
         self.embeddings = BertEmbeddings(config)
         self.encoder = KroneckerBertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
-        apply_kronecker_factors(self, config)
+        apply_kronecker_factors(self, config.kronecker_factors)
         self.post_init()
 
 
@@ -277,9 +234,9 @@ class KroneckerBertForMaskedLM(KroneckerBertPreTrainedModel, BertForMaskedLM):
     The decoder follows the word embedding:
 
     - Kronecker word embedding and ``config.tie_word_embeddings`` (BERT's default): the decoder is
-      the embedding itself, applied factored through :meth:`KroneckerEmbedding.logits` — no
-      ``vocab × hidden`` matrix is stored or built, and the tie holds by construction (there is
-      no ``cls.predictions.decoder`` parameter; :meth:`get_output_embeddings` returns ``None``).
+      the embedding itself, applied factored (:class:`TiedKroneckerHead`) — no ``vocab × hidden``
+      matrix is stored or built, and the tie holds by construction (there is no
+      ``cls.predictions.decoder`` parameter).
     - Kronecker word embedding and ``tie_word_embeddings=False``: an untied dense decoder
       (``vocab × hidden`` parameters, as BERT with that setting).
     - Dense word embedding: exactly BERT's head, tied as BERT ties it.
@@ -302,81 +259,16 @@ class KroneckerBertForMaskedLM(KroneckerBertPreTrainedModel, BertForMaskedLM):
         self.factored_decoder = bool(
             isinstance(self.bert.embeddings.word_embeddings, KroneckerEmbedding) and config.tie_word_embeddings
         )
+        self.cls = BertOnlyMLMHead(config)
         if self.factored_decoder:
-            self.cls = KroneckerBertOnlyMLMHead(config)
+            self.cls.predictions = KroneckerBertLMPredictionHead(config, self.bert.embeddings.word_embeddings)
             self._tied_weights_keys = {}  # tied by construction: the head reads the embedding's factors
-        else:
-            self.cls = BertOnlyMLMHead(config)
         self.post_init()
-
-    def get_output_embeddings(self):
-        return None if self.factored_decoder else self.cls.predictions.decoder
 
     def set_output_embeddings(self, new_embeddings):
         if self.factored_decoder:
             raise ValueError("the MLM decoder is the Kronecker word embedding itself; set the input embeddings instead")
         super().set_output_embeddings(new_embeddings)
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        encoder_hidden_states=None,
-        encoder_attention_mask=None,
-        labels=None,
-        **kwargs,
-    ):
-        """As ``BertForMaskedLM.forward``; ``labels`` ``(batch, seq)`` with -100 for ignored positions."""
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            return_dict=True,
-            **kwargs,
-        )
-        sequence_output = outputs[0]
-        if self.factored_decoder:
-            prediction_scores = self.cls(sequence_output, self.bert.embeddings.word_embeddings)
-        else:
-            prediction_scores = self.cls(sequence_output)
-
-        masked_lm_loss = None
-        if labels is not None:
-            masked_lm_loss = CrossEntropyLoss()(prediction_scores.view(-1, self.config.vocab_size), labels.view(-1))
-
-        return MaskedLMOutput(
-            loss=masked_lm_loss,
-            logits=prediction_scores,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
-
-
-_AUTO_CLASSES = {
-    "AutoModel": KroneckerBertModel,
-    "AutoModelForSequenceClassification": KroneckerBertForSequenceClassification,
-    "AutoModelForMaskedLM": KroneckerBertForMaskedLM,
-    "AutoModelForQuestionAnswering": KroneckerBertForQuestionAnswering,
-}
-
-
-def _auto_map() -> dict:
-    """``{"AutoConfig": "configuration_kronecker_bert.KroneckerBertConfig", "AutoModel": ...}``."""
-    entries = {"AutoConfig": KroneckerBertConfig, **_AUTO_CLASSES}
-    return {auto: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for auto, cls in entries.items()}
-
-
-KroneckerBertConfig.register_for_auto_class()
-for _auto, _cls in _AUTO_CLASSES.items():
-    _cls.register_for_auto_class(_auto)
 
 
 __all__ = [
@@ -385,5 +277,4 @@ __all__ = [
     "KroneckerBertForSequenceClassification",
     "KroneckerBertForMaskedLM",
     "KroneckerBertForQuestionAnswering",
-    "apply_kronecker_factors",
 ]

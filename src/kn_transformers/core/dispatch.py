@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from ..kronecker import KroneckerEmbedding, KroneckerLinear
 
 __all__ = ["KroneckerDispatch", "KRONECKER_DISPATCH", "ScaledKroneckerEmbedding", "TiedKroneckerHead",
-           "dispatch_for", "dense_matrix"]
+           "apply_kronecker_factors", "dispatch_for", "dense_matrix", "kronecker_like", "replace_module"]
 
 
 class ScaledKroneckerEmbedding(KroneckerEmbedding):
@@ -57,6 +57,13 @@ class TiedKroneckerHead(nn.Module):
     def embedding(self) -> KroneckerEmbedding:
         return self._embedding
 
+    def tie_to(self, embedding: KroneckerEmbedding) -> None:
+        """Read ``embedding`` from now on (after the model's input embedding module was replaced)."""
+        if (embedding.num_embeddings, embedding.embedding_dim) != (self.out_features, self.in_features):
+            raise ValueError(f"a head of {self.out_features} x {self.in_features} cannot be tied to an embedding of "
+                             f"{embedding.num_embeddings} x {embedding.embedding_dim}")
+        object.__setattr__(self, "_embedding", embedding)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self._embedding.logits(hidden_states)
         return out if self.bias is None else out + self.bias
@@ -71,43 +78,46 @@ class KroneckerDispatch:
 
     kind: ``"linear"`` (``(out, in)`` weight, ``y = x Wᵀ + b``) or ``"embedding"`` (``(V, d)`` table).
     shape: the dense matrix's shape, in that layout.
-    build: ``(dense, a_shape, rank) -> layer`` with the dense module's shape, bias, device and
-        dtype, factors uninitialised (``torch.empty``) — filled by a decomposition or a checkpoint.
+    build: ``(dense, a_shape, rank, **factory) -> layer`` with the dense module's shape, bias,
+        device and dtype (``factory`` overrides ``device=`` / ``dtype=``), factors given the
+        layers' default random init — overwritten by a decomposition, ``_init_weights`` or a checkpoint.
     weight: the dense matrix in that layout (``Conv1D`` stores in × out).
     """
 
     kind: str
     shape: Callable[[nn.Module], tuple[int, int]]
-    build: Callable[[nn.Module, tuple[int, int], int], nn.Module]
+    build: Callable[..., nn.Module]
     weight: Callable[[nn.Module], torch.Tensor]
 
 
-def _factory(module: nn.Module) -> dict:
+def _factory(module: nn.Module, overrides: dict) -> dict:
     w = module.weight
-    return {"device": w.device, "dtype": w.dtype}
+    return {"device": w.device, "dtype": w.dtype, **overrides}
 
 
-def _build_linear(dense: nn.Linear, a_shape, rank) -> KroneckerLinear:
+def _build_linear(dense: nn.Linear, a_shape, rank, **factory) -> KroneckerLinear:
     return KroneckerLinear(dense.in_features, dense.out_features, a_shape, rank=rank,
-                           bias=dense.bias is not None, **_factory(dense))
+                           bias=dense.bias is not None, **_factory(dense, factory))
 
 
-def _build_conv1d(dense: Conv1D, a_shape, rank) -> KroneckerLinear:
-    return KroneckerLinear(dense.nx, dense.nf, a_shape, rank=rank, bias=dense.bias is not None, **_factory(dense))
+def _build_conv1d(dense: Conv1D, a_shape, rank, **factory) -> KroneckerLinear:
+    return KroneckerLinear(dense.nx, dense.nf, a_shape, rank=rank, bias=dense.bias is not None,
+                           **_factory(dense, factory))
 
 
-def _build_embedding(dense: nn.Embedding, a_shape, rank) -> KroneckerEmbedding:
+def _build_embedding(dense: nn.Embedding, a_shape, rank, **factory) -> KroneckerEmbedding:
     # no padding_idx: nn.Embedding only freezes that row's gradient; a shared Kronecker table cannot
     # without zeroing the row's output, i.e. computing another function than the teacher
-    return KroneckerEmbedding(dense.num_embeddings, dense.embedding_dim, a_shape, rank=rank, **_factory(dense))
+    return KroneckerEmbedding(dense.num_embeddings, dense.embedding_dim, a_shape, rank=rank,
+                              **_factory(dense, factory))
 
 
-def _build_scaled_embedding(dense: nn.Embedding, a_shape, rank) -> ScaledKroneckerEmbedding:
+def _build_scaled_embedding(dense: nn.Embedding, a_shape, rank, **factory) -> ScaledKroneckerEmbedding:
     # the teacher's buffer value where it has one (it may be rounded to float32), else the exact scale
     buffer = getattr(dense, "embed_scale", None)
     scale = float(buffer) if isinstance(buffer, torch.Tensor) and not buffer.is_meta else dense.scalar_embed_scale
     return ScaledKroneckerEmbedding(dense.num_embeddings, dense.embedding_dim, a_shape, rank=rank,
-                                    embed_scale=float(scale), **_factory(dense))
+                                    embed_scale=float(scale), **_factory(dense, factory))
 
 
 _LINEAR = KroneckerDispatch("linear", lambda m: (m.out_features, m.in_features), _build_linear, lambda m: m.weight)
@@ -145,3 +155,28 @@ def dense_matrix(module: nn.Module) -> torch.Tensor:
     if entry is None:
         raise TypeError(f"{type(module).__name__} is not in the Kronecker module table")
     return entry.weight(module)
+
+
+def kronecker_like(dense: nn.Module, a_shape, rank: int = 1, name: str = "module", **factory) -> nn.Module:
+    """A Kronecker layer with ``dense``'s shape, bias, device and dtype (``factory``: ``device=`` /
+    ``dtype=`` overrides), randomly initialised: the shape a checkpoint or a decomposition fills."""
+    entry = dispatch_for(dense)
+    if entry is None:
+        raise ValueError(f"module {name!r} is a {type(dense).__name__}, which the Kronecker module table does not know")
+    return entry.build(dense, tuple(a_shape), rank, **factory)
+
+
+def apply_kronecker_factors(root: nn.Module, factors: Optional[dict], **factory) -> None:
+    """Swap each module named in ``factors`` (``{name: {"a_shape": [m1, n1], "rank": r}}``, names
+    relative to ``root``) for :func:`kronecker_like` of it — how a Kronecker model class builds
+    its layers from its config before ``post_init()``; no decomposition happens here."""
+    for name, spec in (factors or {}).items():
+        replace_module(root, name, kronecker_like(root.get_submodule(name), spec["a_shape"], spec["rank"], name,
+                                                  **factory))
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Set the submodule at dotted path ``name`` of ``root`` to ``new`` (the one module swap)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -22,8 +22,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 
 from ..factor_spec import factor_split
 from .config import QUANT_METHOD, KroneckerConfig
-from .dispatch import dispatch_for
-from ..conversion import replace_module
+from .dispatch import dispatch_for, replace_module
 from .kroneckerize import attach_tied_head, disable_tying
 
 __all__ = ["KroneckerHfQuantizer", "build_kronecker_modules"]

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..conversion import CompressionReport, ModuleReport, count_parameters, replace_module
+from ..conversion import CompressionReport, ModuleReport, count_parameters
 from ..factor_search import choose_embedding_factors, choose_kronecker_factors
 from ..factor_spec import factor_split
 from ..kronecker import KroneckerEmbedding, KroneckerLinear
 from .config import KroneckerConfig
-from .dispatch import TiedKroneckerHead, dispatch_for
+from .dispatch import TiedKroneckerHead, dispatch_for, kronecker_like, replace_module
 
 logger = logging.get_logger(__name__)
 
@@ -213,9 +213,7 @@ def decompose_module(dense: nn.Module, name: str, a_shape, rank: int = 1, *, nor
     entries get the weight's std), the bias copied, the relative Frobenius error measured.
     """
     entry = dispatch_for(dense)
-    if entry is None:
-        raise ValueError(f"module {name!r} is a {type(dense).__name__}, which the Kronecker module table does not know")
-    layer = entry.build(dense, tuple(a_shape), rank)
+    layer = kronecker_like(dense, a_shape, rank, name)
     W = entry.weight(dense).detach()
     if init == "random":
         layer.reset_parameters(std=float(W.float().std()))
