@@ -68,7 +68,7 @@ def _gpt2_at_size(target: int, tie: bool):
     from transformers import GPT2Config
 
     from kn_transformers import KnGPT2LMHeadModel, kngpt2_config_from_gpt2
-    from kn_transformers.conversion import count_parameters
+    from kn_transformers.core.report import count_parameters
 
     import torch
 
@@ -141,7 +141,7 @@ def measure(name: str, threads: int, repeats: int) -> dict:
     """Runs in a fresh process (see main)."""
     import torch
 
-    from kn_transformers.conversion import count_parameters
+    from kn_transformers.core.report import count_parameters
 
     from kn_transformers import KroneckerLinear, optimize_for_inference
 

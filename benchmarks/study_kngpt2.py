@@ -58,8 +58,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import kn_transformers  # noqa: E402
 from kn_transformers import DistillationArguments, ILKDTrainer, kngpt2_from_gpt2  # noqa: E402
-from kn_transformers.conversion import count_parameters  # noqa: E402
-from kn_transformers.perplexity import sliding_window_perplexity  # noqa: E402
+from kn_transformers.core.report import count_parameters  # noqa: E402
+from kn_transformers.recipes.perplexity import sliding_window_perplexity  # noqa: E402
 
 from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, log, save  # noqa: E402  (benchmarks/_study.py)
 

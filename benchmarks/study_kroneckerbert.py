@@ -57,8 +57,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import kn_transformers  # noqa: E402
 from kn_transformers import DistillationArguments, ILKDTrainer, kronecker_bert_from_bert  # noqa: E402
-from kn_transformers.conversion import count_parameters  # noqa: E402
-from kn_transformers.glue import get_task, glue_metrics  # noqa: E402
+from kn_transformers.core.report import count_parameters  # noqa: E402
+from kn_transformers.recipes.glue import get_task, glue_metrics  # noqa: E402
 
 from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, log, save  # noqa: E402  (benchmarks/_study.py)
 VARIANTS = ("stage1+ILKD", "ILKD", "labels")

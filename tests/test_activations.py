@@ -12,7 +12,7 @@ from kn_transformers import (
     kngpt2_config_from_gpt2,
     kronecker_bert_config,
 )
-from kn_transformers.activations import INPLACE_ACTIVATIONS
+from kn_transformers.models.activations import INPLACE_ACTIVATIONS
 
 
 @pytest.mark.parametrize("name", sorted(INPLACE_ACTIVATIONS))

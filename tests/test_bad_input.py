@@ -13,10 +13,10 @@ from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from kn_transformers import DistillationArguments, ILKDTrainer
 from kn_transformers.cli import decomposition_report, main
-from kn_transformers.convert_bert import kronecker_bert_config, kronecker_bert_from_bert
-from kn_transformers.convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2
+from kn_transformers.models.kronecker_bert.convert_bert import kronecker_bert_config, kronecker_bert_from_bert
+from kn_transformers.models.kngpt2.convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2
 from kn_transformers.distillation import parse_layer_map
-from kn_transformers.loading import check_model_name_or_path
+from kn_transformers.models.loading import check_model_name_or_path
 from kn_transformers.recipes.students import load_model, model_family
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -13,6 +13,7 @@ from torch import nn
 
 import kn_transformers as kt
 from kn_transformers.core import TiedKroneckerHead
+from kn_transformers.core.report import count_parameters
 
 sys.path.insert(0, os.path.dirname(__file__))
 from architectures import ARCHITECTURES  # noqa: E402
@@ -74,7 +75,7 @@ def test_save_and_auto_load_bit_identical(name, tmp_path):
     kinds = lambda m: [(n, type(x).__name__) for n, x in m.named_modules()]  # noqa: E731
     assert kinds(loaded) == kinds(student)
     assert len(_kronecker_modules(loaded)) == len(student.compression_report.modules)
-    assert kt.conversion.count_parameters(loaded) == student.compression_report.total_params_after
+    assert count_parameters(loaded) == student.compression_report.total_params_after
     assert student.compression_report.total_params_after < student.compression_report.total_params_before
     # dtype= and device_map= are transformers' own
     wide = auto.from_pretrained(tmp_path, dtype=torch.float64, device_map="cpu")
@@ -327,7 +328,7 @@ def test_cli_compress_any_model_folder(tmp_path, capsys):
 
 def test_kronecker_bert_from_bert_takes_bert_shaped_encoders(tmp_path):
     """RoBERTa and ELECTRA have BERT's module names: the paper presets apply to them through kroneckerize."""
-    from kn_transformers.convert_bert import PRESETS
+    from kn_transformers.models.kronecker_bert.convert_bert import PRESETS
 
     def shapes(**extra):
         return dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -378,8 +379,8 @@ def test_kronecker_bert_from_bert_takes_bert_shaped_encoders(tmp_path):
 
 def test_paper_preset_parameter_counts_are_unchanged():
     """The paper models' sizes at full width (built on the meta device: no memory)."""
-    from kn_transformers.convert_bert import kronecker_bert_config
-    from kn_transformers.convert_gpt2 import kngpt2_config_from_gpt2
+    from kn_transformers.models.kronecker_bert.convert_bert import kronecker_bert_config
+    from kn_transformers.models.kngpt2.convert_gpt2 import kngpt2_config_from_gpt2
 
     with torch.device("meta"):
         gpt2 = kt.KnGPT2LMHeadModel(kngpt2_config_from_gpt2(transformers.GPT2Config(), "paper"))

@@ -1,4 +1,4 @@
-"""optimize_for_inference and the native kernel (kn_transformers.kernels) against float64 references."""
+"""optimize_for_inference and the native kernel (kn_transformers.core.kernels) against float64 references."""
 
 import copy
 import logging
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kn_transformers import KroneckerLinear, kronecker_to_dense, optimize_for_inference
-from kn_transformers import kernels
-from kn_transformers.inference import OptimizedKroneckerLinear
+from kn_transformers.core import kernels
+from kn_transformers.core.inference import OptimizedKroneckerLinear
 
 
 def _machine_can_build() -> bool:
@@ -191,7 +191,7 @@ def test_layer_built_under_inference_mode_runs_plain_pytorch(caplog):
     torch.manual_seed(0)
     with torch.inference_mode():
         k = KroneckerLinear(256, 64, (32, 16))
-    with caplog.at_level(logging.WARNING, logger="kn_transformers.inference"):
+    with caplog.at_level(logging.WARNING, logger="kn_transformers.core.inference"):
         optimize_for_inference(k)
     assert k._native_layout is None
     assert ("inference_mode" in caplog.text) == NATIVE

@@ -41,7 +41,7 @@ from kn_transformers import (
     kngpt2_from_gpt2,
     kronecker_to_dense,
 )
-from kn_transformers.conversion import count_parameters
+from kn_transformers.core.report import count_parameters
 from kn_transformers.core import TiedKroneckerHead
 
 LAYER_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -406,7 +406,7 @@ def saved_student(tmp_path_factory):
 def test_save_pretrained_then_auto_load_is_bit_identical(saved_student):
     student, folder = saved_student
     files = set(os.listdir(folder))
-    assert {"model.safetensors", "config.json", "modeling_kngpt2.py", "configuration_kngpt2.py", "kronecker.py",
+    assert {"model.safetensors", "config.json", "modeling_kngpt2.py", "configuration_kngpt2.py", "layers.py",
             "contraction.py", "kronecker_math.py"} <= files
     # the remote code is plain PyTorch: no C source, nothing that compiles or loads a binary
     assert not [f for f in files if not f.endswith((".py", ".json", ".safetensors", ".md"))], files

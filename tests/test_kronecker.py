@@ -14,7 +14,7 @@ from kn_transformers import (
     kronecker_to_dense,
     nearest_kronecker,
 )
-from kn_transformers.kronecker_math import _rearrange
+from kn_transformers.core.kronecker_math import _rearrange
 
 F64 = torch.float64
 
@@ -132,7 +132,7 @@ def test_forward_never_builds_the_dense_weight(monkeypatch):
     k = KroneckerLinear(16, 24, (4, 4))
     called = []
     monkeypatch.setattr(torch, "kron", lambda *a: called.append(1))
-    monkeypatch.setattr("kn_transformers.kronecker.kronecker_to_dense", lambda *a: called.append(1))
+    monkeypatch.setattr("kn_transformers.core.layers.kronecker_to_dense", lambda *a: called.append(1))
     k(torch.randn(3, 16)).sum().backward()
     KroneckerEmbedding(10, 6, (5, 3))(torch.tensor([[1, 2]])).sum().backward()
     assert not called

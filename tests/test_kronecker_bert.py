@@ -48,9 +48,9 @@ from kn_transformers import (
     kronecker_to_dense,
     nearest_kronecker,
 )
-from kn_transformers.conversion import count_parameters
+from kn_transformers.core.report import count_parameters
 from kn_transformers.core import TiedKroneckerHead
-from kn_transformers.modeling_kronecker_bert import KroneckerBertLayer
+from kn_transformers.models.kronecker_bert.modeling_kronecker_bert import KroneckerBertLayer
 
 F64 = torch.float64
 LAYER_MODULES = (
@@ -488,7 +488,7 @@ def test_config_json_round_trip_and_validation(tmp_path):
     assert json.loads(config.to_json_string())["kronecker_factors"] == config.kronecker_factors
     base = dict(vocab_size=48, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     cases = {
-        "encoder.layer.2.output.dense": (r"layer 2 is out of range.*num_hidden_layers=2", [2, 8]),
+        "encoder.layer.2.output.dense": (r"layer index 2 is out of range for num_hidden_layers=2", [2, 8]),
         "encoder.layer.0.output.dense": (r"kronecker_factors\['encoder.layer.0.output.dense'\]: a_shape \[3, 8\] does not divide", [3, 8]),
         "encoder.layer.0.attention.self.foo": (r"unknown module", [2, 2]),
         "embeddings.word_embeddings": (r"does not fit the \(48, 16\) embedding.*n1 dividing 16", [48, 3]),
@@ -509,7 +509,7 @@ def test_save_and_auto_load_is_bit_identical(tmp_path, teacher_cls):
         "AutoConfig", "AutoModel", "AutoModelForSequenceClassification", "AutoModelForMaskedLM",
         "AutoModelForQuestionAnswering",
     }
-    for f in ("modeling_kronecker_bert.py", "configuration_kronecker_bert.py", "kronecker.py", "attention_scores.py"):
+    for f in ("modeling_kronecker_bert.py", "configuration_kronecker_bert.py", "layers.py", "attention_scores.py"):
         assert (tmp_path / f).is_file()
     auto = AutoModelForSequenceClassification if teacher_cls is BertForSequenceClassification else AutoModelForMaskedLM
     loaded = auto.from_pretrained(tmp_path).eval()

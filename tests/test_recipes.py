@@ -80,7 +80,7 @@ def test_run_glue_pair_task_with_ilkd_writes_results_card_and_uploadable_folder(
     assert "encoder.layer.1.intermediate.dense" in card.text and "rel. error" in card.text
     # the folder that --push_to_hub would upload is complete ...
     files = check_upload_folder(str(out))
-    assert {"modeling_kronecker_bert.py", "configuration_kronecker_bert.py", "kronecker.py"} <= set(files)
+    assert {"modeling_kronecker_bert.py", "configuration_kronecker_bert.py", "layers.py"} <= set(files)
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForSequenceClassification"].startswith("modeling_kronecker_bert.")
     # ... and loads on its own, in a Python where kn_transformers cannot be imported

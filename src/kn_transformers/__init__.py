@@ -14,23 +14,23 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION, eager_attention_with_scores
-from .configuration_kngpt2 import KnGPT2Config
-from .configuration_kronecker_bert import KroneckerBertConfig
-from .conversion import CompressionReport, ModuleReport
-from .convert_bert import PRESETS as KRONECKER_BERT_PRESETS
-from .convert_bert import KroneckerBertPreset, kronecker_bert_config, kronecker_bert_from_bert
-from .convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2
+from .models.attention_scores import ATTENTION_SCORES_IMPLEMENTATION, eager_attention_with_scores
+from .models.kngpt2.configuration_kngpt2 import KnGPT2Config
+from .models.kronecker_bert.configuration_kronecker_bert import KroneckerBertConfig
+from .core.report import CompressionReport, ModuleReport
+from .models.kronecker_bert.convert_bert import PRESETS as KRONECKER_BERT_PRESETS
+from .models.kronecker_bert.convert_bert import KroneckerBertPreset, kronecker_bert_config, kronecker_bert_from_bert
+from .models.kngpt2.convert_gpt2 import kngpt2_config_from_gpt2, kngpt2_from_gpt2
 from .distillation import DISTILLATION_PRESETS, DistillationArguments, ILKDTrainer
 from .core import KroneckerConfig, kroneckerize
-from .contraction import KRONECKER_ORDERS, contraction_order, kronecker_matmul
+from .core.contraction import KRONECKER_ORDERS, contraction_order, kronecker_matmul
 from .export import export_onnx, merge_to_dense
-from .factor_search import FactorChoice, choose_kronecker_factors, kronecker_factor_choices
-from .inference import optimize_for_inference
-from .kronecker import KroneckerEmbedding, KroneckerLinear
-from .kronecker_math import kronecker_flops, kronecker_to_dense, nearest_kronecker
-from .modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel, KnGPT2Model, KnGPT2PreTrainedModel
-from .modeling_kronecker_bert import (
+from .core.factor_search import FactorChoice, choose_kronecker_factors, kronecker_factor_choices
+from .core.inference import optimize_for_inference
+from .core.layers import KroneckerEmbedding, KroneckerLinear
+from .core.kronecker_math import kronecker_flops, kronecker_to_dense, nearest_kronecker
+from .models.kngpt2.modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel, KnGPT2Model, KnGPT2PreTrainedModel
+from .models.kronecker_bert.modeling_kronecker_bert import (
     KroneckerBertForMaskedLM,
     KroneckerBertForQuestionAnswering,
     KroneckerBertForSequenceClassification,

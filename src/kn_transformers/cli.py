@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .conversion import CompressionReport, ModuleReport, count_parameters
+from .core.report import CompressionReport, ModuleReport, count_parameters
 from .core.kroneckerize import decompose_module
-from .factor_search import choose_kronecker_factors
-from .loading import check_model_name_or_path
+from .core.factor_search import choose_kronecker_factors
+from .models.loading import check_model_name_or_path
 
 #: what ``main`` reports as one line instead of a traceback (FileNotFoundError is an OSError)
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -215,7 +215,7 @@ _RECIPES = {"distill": "distill_lm", "glue": "run_glue", "perplexity": "evaluate
 
 
 def _cmd_build_kernels(args) -> int:
-    from .kernels import KernelUnavailable, build_kernels, load_kernels
+    from .core.kernels import KernelUnavailable, build_kernels, load_kernels
 
     try:
         path = build_kernels(force=args.force)

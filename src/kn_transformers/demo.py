@@ -29,11 +29,11 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .conversion import count_parameters
+from .core.report import count_parameters
 from .distillation import DistillationArguments, ILKDTrainer
-from .glue import compute_metrics_for
-from .inference import optimize_for_inference
-from .loading import check_model_name_or_path
+from .recipes.glue import compute_metrics_for
+from .core.inference import optimize_for_inference
+from .models.loading import check_model_name_or_path
 
 logger = logging.get_logger(__name__)
 
@@ -109,7 +109,7 @@ def train_teacher(cfg: DemoConfig, tokenizer, ds):
 
 def train_student(cfg: DemoConfig, teacher, tokenizer, ds, distill: bool):
     """Convert ``teacher`` with ``cfg.preset`` and train it with ILKD or on labels alone; returns (model, accuracy)."""
-    from .convert_bert import kronecker_bert_from_bert
+    from .models.kronecker_bert.convert_bert import kronecker_bert_from_bert
 
     set_seed(cfg.seed)
     student = kronecker_bert_from_bert(teacher, preset=cfg.preset, progress=False)

@@ -8,7 +8,7 @@ from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .conversion import CompressionReport, count_parameters
+from .core.report import CompressionReport, count_parameters
 from .core.config import is_kroneckerized
 
 _TEMPLATES = {"kngpt2": "kngpt2.md", "kronecker-bert": "kronecker_bert.md"}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..kronecker import KroneckerEmbedding, KroneckerLinear
+from .layers import KroneckerEmbedding, KroneckerLinear
 
 __all__ = ["KroneckerDispatch", "KRONECKER_DISPATCH", "ScaledKroneckerEmbedding", "TiedKroneckerHead",
            "apply_kronecker_factors", "dispatch_for", "dense_matrix", "kronecker_like", "replace_module"]

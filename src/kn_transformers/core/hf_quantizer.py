@@ -20,7 +20,7 @@ import json
 import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 
-from ..factor_spec import factor_split
+from .factor_spec import factor_split
 from .config import QUANT_METHOD, KroneckerConfig
 from .dispatch import dispatch_for, replace_module
 from .kroneckerize import attach_tied_head, disable_tying

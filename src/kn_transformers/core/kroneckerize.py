@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..conversion import CompressionReport, ModuleReport, count_parameters
-from ..factor_search import choose_embedding_factors, choose_kronecker_factors
-from ..factor_spec import factor_split
-from ..kronecker import KroneckerEmbedding, KroneckerLinear
+from .report import CompressionReport, ModuleReport, count_parameters
+from .factor_search import choose_embedding_factors, choose_kronecker_factors
+from .factor_spec import factor_split
+from .layers import KroneckerEmbedding, KroneckerLinear
 from .config import KroneckerConfig
 from .dispatch import TiedKroneckerHead, dispatch_for, kronecker_like, replace_module
 

@@ -30,8 +30,8 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..architectures import FFN_MODULES, ffn_pattern
-from ..attention_scores import ATTENTION_SCORES_IMPLEMENTATION
+from ..models.architectures import FFN_MODULES, ffn_pattern
+from ..models.attention_scores import ATTENTION_SCORES_IMPLEMENTATION
 from .arguments import INTERMEDIATE_TERMS, DistillationArguments, parse_layer_map
 from .losses import (
     attention_kl,
@@ -182,7 +182,7 @@ class ILKDTrainer(Trainer):
         if len(modules) != n:
             raise ValueError(
                 f"found {len(modules)} FFN blocks in the {who} ({type(model).__name__}) for {n} layers; "
-                f"the ffn term knows the model types in kn_transformers.architectures.FFN_MODULES "
+                f"the ffn term knows the model types in kn_transformers.models.architectures.FFN_MODULES "
                 f"({', '.join(sorted(FFN_MODULES))}); add an entry or set ffn_weight=0"
             )
         return modules

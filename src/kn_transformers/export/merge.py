@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from ..core.config import is_kroneckerized
-from ..kronecker import KroneckerEmbedding, KroneckerLinear
+from ..core.layers import KroneckerEmbedding, KroneckerLinear
 
 __all__ = ["merge_to_dense", "dense_class_of"]
 

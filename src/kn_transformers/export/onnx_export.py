@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from ..kronecker import KroneckerEmbedding, KroneckerLinear
+from ..core.layers import KroneckerEmbedding, KroneckerLinear
 from .merge import dense_class_of
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ def _plain_torch_path(model: nn.Module):
     """During export: layers prepared with ``optimize_for_inference`` use the plain contraction (the
     native kernel is not an ONNX op), every Kronecker layer the flat-matmul order
     (``flat_contraction_order``), attention transformers' eager implementation; all restored after."""
-    from ..contraction import flat_contraction_order
-    from ..inference import OptimizedKroneckerLinear
+    from ..core.contraction import flat_contraction_order
+    from ..core.inference import OptimizedKroneckerLinear
 
     swapped = [m for m in model.modules() if isinstance(m, OptimizedKroneckerLinear)]
     layers = [m for m in model.modules() if isinstance(m, KroneckerLinear)]

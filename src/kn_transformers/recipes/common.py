@@ -9,7 +9,7 @@ import sys
 from transformers import AutoTokenizer, HfArgumentParser
 
 from ..hub import push_folder_to_hub
-from ..loading import check_model_name_or_path
+from ..models.loading import check_model_name_or_path
 
 
 def parse_args(types, argv=None):

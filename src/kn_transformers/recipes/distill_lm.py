@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from ..distillation import DistillationArguments, ILKDTrainer
 from ..model_card import create_model_card
-from ..perplexity import sliding_window_perplexity
+from .perplexity import sliding_window_perplexity
 from . import common
 from .students import convert_to_student, load_model, model_family
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from transformers import HfArgumentParser
 
-from ..perplexity import sliding_window_perplexity
+from .perplexity import sliding_window_perplexity
 from .common import load_tokenizer
 from .students import load_model
 

@@ -29,7 +29,7 @@ from transformers import (
 from transformers.utils import logging
 
 from ..distillation import DistillationArguments, ILKDTrainer
-from ..glue import compute_metrics_for, get_task, load_glue
+from .glue import compute_metrics_for, get_task, load_glue
 from ..model_card import create_model_card
 from . import common
 from .students import convert_to_student, load_model

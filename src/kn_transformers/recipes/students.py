@@ -6,8 +6,8 @@ from typing import Optional
 
 from transformers import AutoConfig, PreTrainedModel
 
-from ..architectures import PAPER_FAMILY, PAPER_PRESETS
-from ..loading import check_model_name_or_path
+from ..models.architectures import PAPER_FAMILY, PAPER_PRESETS
+from ..models.loading import check_model_name_or_path
 
 def model_family(name_or_path: str) -> str:
     """``"gpt2"`` or ``"bert"``: the paper family whose presets a checkpoint takes (dense or
@@ -56,14 +56,14 @@ def convert_to_student(
     if preset is None and target_fraction is None:
         preset = PAPER_PRESETS[family][0]
     if family == "bert":
-        from ..convert_bert import kronecker_bert_from_bert
+        from ..models.kronecker_bert.convert_bert import kronecker_bert_from_bert
 
         if head not in ("sequence-classification", "masked-lm", "base"):
             raise ValueError(f"BERT students have no {head!r} head")
         # a BERT-shaped encoder (RoBERTa...) keeps its own class, so its head is the teacher's
         return kronecker_bert_from_bert(teacher, preset=preset, target_fraction=target_fraction,
                                         head=head if model_type == "bert" else None, **config_overrides)
-    from ..convert_gpt2 import kngpt2_from_gpt2
+    from ..models.kngpt2.convert_gpt2 import kngpt2_from_gpt2
 
     if head not in ("causal-lm", "sequence-classification"):
         raise ValueError(f"GPT-2 students have no {head!r} head")

@@ -31,12 +31,12 @@ from transformers.models.gpt2.modeling_gpt2 import (
     GPT2PreTrainedModel,
 )
 
-from .activations import activate, inplace_activation
-from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
+from ..activations import activate, inplace_activation
+from ..attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kngpt2 import KnGPT2Config
-from .core.dispatch import TiedKroneckerHead, apply_kronecker_factors
-from .kronecker import KroneckerEmbedding, KroneckerLinear, init_kronecker_
-from .kronecker_pretrained import KroneckerPreTrainedMixin
+from ...core.dispatch import TiedKroneckerHead, apply_kronecker_factors
+from ...core.layers import KroneckerEmbedding, KroneckerLinear, init_kronecker_
+from ..kronecker_pretrained import KroneckerPreTrainedMixin
 
 __all__ = [
     "KnGPT2PreTrainedModel",

@@ -41,12 +41,12 @@ from transformers.models.bert.modeling_bert import (
 )
 from transformers.utils import logging
 
-from .activations import activate, global_hooks_registered, inplace_activation
-from .attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
+from ..activations import activate, global_hooks_registered, inplace_activation
+from ..attention_scores import ATTENTION_SCORES_IMPLEMENTATION  # noqa: F401  (registers "kn_eager_scores")
 from .configuration_kronecker_bert import KroneckerBertConfig
-from .core.dispatch import TiedKroneckerHead, apply_kronecker_factors
-from .kronecker import KroneckerEmbedding, KroneckerLinear, init_kronecker_
-from .kronecker_pretrained import KroneckerPreTrainedMixin
+from ...core.dispatch import TiedKroneckerHead, apply_kronecker_factors
+from ...core.layers import KroneckerEmbedding, KroneckerLinear, init_kronecker_
+from ..kronecker_pretrained import KroneckerPreTrainedMixin
 
 logger = logging.get_logger(__name__)
 

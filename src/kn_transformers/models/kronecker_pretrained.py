@@ -24,7 +24,7 @@ import os
 import re
 import sys
 
-from .core.dispatch import TiedKroneckerHead
+from ..core.dispatch import TiedKroneckerHead
 
 __all__ = ["KroneckerPreTrainedMixin", "model_code_files"]
 

@@ -29,14 +29,14 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .architectures import BERT_LAYOUT, PAPER_PRESETS
+from ..architectures import BERT_LAYOUT, PAPER_PRESETS
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
-from .core.config import KroneckerConfig
-from .core.kroneckerize import _base_prefix, decompose_module, kroneckerize
-from .conversion import CompressionReport, check_layer_indices, count_parameters
-from .core.dispatch import replace_module
-from .factor_search import choose_embedding_factors, choose_kronecker_factors
-from .loading import load_teacher
+from ...core.config import KroneckerConfig
+from ...core.kroneckerize import _base_prefix, decompose_module, kroneckerize
+from ...core.report import CompressionReport, check_layer_indices, count_parameters
+from ...core.dispatch import replace_module
+from ...core.factor_search import choose_embedding_factors, choose_kronecker_factors
+from ..loading import load_teacher
 from .modeling_kronecker_bert import (
     KroneckerBertForMaskedLM,
     KroneckerBertForQuestionAnswering,

@@ -4,12 +4,10 @@ Imports transformers and the standard-library validator ``factor_spec`` only, so
 with saved model code (``trust_remote_code``).
 """
 
-import re
-
 from huggingface_hub.dataclasses import strict
 from transformers import BertConfig
 
-from .factor_spec import canonical_factor_spec
+from ...core.factor_spec import FactorMapLayout
 
 #: Names, relative to the base model, of the matrices KroneckerBERT may compress, per layer.
 LAYER_MODULES = (
@@ -21,16 +19,6 @@ LAYER_MODULES = (
     "output.dense",
 )
 WORD_EMBEDDINGS = "embeddings.word_embeddings"
-_LAYER_KEY = re.compile(r"^encoder\.layer\.(0|[1-9][0-9]*)\.(.+)$")
-
-
-def _matrix_shape(config, name):
-    """The ``(out, in)`` weight shape of ``name`` (``(vocab, hidden)`` for the embedding)."""
-    d, f = config.hidden_size, config.intermediate_size
-    if name == WORD_EMBEDDINGS:
-        return config.vocab_size, d
-    sub = _LAYER_KEY.match(name).group(2)
-    return {"intermediate.dense": (f, d), "output.dense": (d, f)}.get(sub, (d, d))
 
 
 @strict
@@ -73,42 +61,23 @@ class KroneckerBertConfig(BertConfig):
         super().__post_init__(**kwargs)
         self.validate_kronecker_factors()
 
+    def factor_layout(self) -> FactorMapLayout:
+        """The Kronecker-able matrices of this configuration and their ``(out, in)`` shapes."""
+        d, f = self.hidden_size, self.intermediate_size
+        shapes = {"intermediate.dense": (f, d), "output.dense": (d, f)}
+        return FactorMapLayout(embedding=(WORD_EMBEDDINGS, (self.vocab_size, d)), layer_prefix="encoder.layer.",
+                               layer_shapes={name: shapes.get(name, (d, d)) for name in LAYER_MODULES},
+                               num_layers=self.num_hidden_layers, num_layers_field="num_hidden_layers")
+
     def validate_kronecker_factors(self):
         """Check every entry of ``kronecker_factors`` against the model shapes and store the map in
         canonical form, embedding first then layers in forward order (also run on save)."""
-        normalized = {}
-        for name, spec in (self.kronecker_factors or {}).items():
-            field = f"kronecker_factors[{name!r}]"
-            if name != WORD_EMBEDDINGS:
-                match = _LAYER_KEY.match(name)
-                if match is None or match.group(2) not in LAYER_MODULES:
-                    raise ValueError(
-                        f"{field}: unknown module; use {WORD_EMBEDDINGS!r} or 'encoder.layer.<i>.<m>' with <m> one of "
-                        f"{', '.join(LAYER_MODULES)}"
-                    )
-                layer = int(match.group(1))
-                if layer >= self.num_hidden_layers:
-                    raise ValueError(
-                        f"{field}: layer {layer} is out of range; the model has num_hidden_layers="
-                        f"{self.num_hidden_layers} (layers 0..{self.num_hidden_layers - 1})"
-                    )
-            kind = "embedding" if name == WORD_EMBEDDINGS else "linear"
-            normalized[name] = canonical_factor_spec(spec, _matrix_shape(self, name), kind, field)
-        self.kronecker_factors = dict(sorted(normalized.items(), key=lambda kv: _sort_key(kv[0])))
+        self.kronecker_factors = self.factor_layout().canonical(self.kronecker_factors)
 
     def kronecker_spec(self, name):
         """``(a_shape, rank)`` of module ``name`` or ``None`` when it stays dense."""
         spec = (self.kronecker_factors or {}).get(name)
         return None if spec is None else (tuple(spec["a_shape"]), spec["rank"])
-
-
-def _sort_key(name):
-    """Embedding first, then layers in numeric order, modules in forward order."""
-    match = _LAYER_KEY.match(name)
-    if match is None:
-        return (-1, 0, name)
-    sub = match.group(2)
-    return (int(match.group(1)), LAYER_MODULES.index(sub) if sub in LAYER_MODULES else len(LAYER_MODULES), sub)
 
 
 __all__ = ["KroneckerBertConfig"]

@@ -35,11 +35,11 @@ from transformers import (
 from transformers.utils import logging
 
 from .configuration_kngpt2 import KNGPT2_LAYER_MODULES, KnGPT2Config
-from .architectures import PAPER_PRESETS
-from .conversion import CompressionReport, ModuleReport, check_layer_indices, count_parameters
-from .core.kroneckerize import decompose_module
-from .factor_search import choose_kronecker_factors
-from .loading import load_teacher
+from ..architectures import PAPER_PRESETS
+from ...core.report import CompressionReport, ModuleReport, check_layer_indices, count_parameters
+from ...core.kroneckerize import decompose_module
+from ...core.factor_search import choose_kronecker_factors
+from ..loading import load_teacher
 from .modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel
 
 logger = logging.get_logger(__name__)
@@ -214,7 +214,7 @@ def kngpt2_from_gpt2(
 
     Returns:
         The student in the teacher's dtype, in eval mode if the teacher was, with the
-        :class:`~kn_transformers.conversion.CompressionReport` as ``model.compression_report``
+        :class:`~kn_transformers.core.report.CompressionReport` as ``model.compression_report``
         (per module: shape, factors, parameters, relative Frobenius error; also logged at INFO).
         Kronecker matrices are the nearest-Kronecker (truncated SVD) factors of the teacher's;
         every other weight (positions, layer norms, biases, dense layers, head) is copied.

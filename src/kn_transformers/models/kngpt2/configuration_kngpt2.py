@@ -8,19 +8,16 @@ This file imports transformers and the standard-library validator ``factor_spec`
 can travel next to the modeling file when a model is saved with its code (``trust_remote_code``).
 """
 
-import re
 from typing import Any
 
 from transformers import GPT2Config
 
-from .factor_spec import canonical_factor_spec
+from ...core.factor_spec import FactorMapLayout
 
 __all__ = ["KnGPT2Config", "KNGPT2_LAYER_MODULES"]
 
 #: The per-layer matrices that may be Kronecker, relative to a block ``h.<i>``.
 KNGPT2_LAYER_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-_LAYER_KEY = re.compile(r"^h\.(0|[1-9][0-9]*)\.(.+)$")
 
 
 class KnGPT2Config(GPT2Config):
@@ -62,63 +59,31 @@ class KnGPT2Config(GPT2Config):
     # helpers
     # ------------------------------------------------------------------------------------
 
+    def factor_layout(self) -> FactorMapLayout:
+        """The Kronecker-able matrices of this configuration and their ``(out, in)`` shapes."""
+        d = self.n_embd
+        inner = self.n_inner if self.n_inner is not None else 4 * d
+        shapes = {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (inner, d), "mlp.c_proj": (d, inner)}
+        return FactorMapLayout(embedding=("wte", (self.vocab_size, d)), layer_prefix="h.",
+                               layer_shapes={name: shapes[name] for name in KNGPT2_LAYER_MODULES},
+                               num_layers=self.n_layer, num_layers_field="n_layer")
+
     def module_shape(self, name: str) -> tuple[int, int]:
         """``(out, in)`` of the matrix at ``name`` (``(vocab_size, n_embd)`` for ``"wte"``).
 
         Raises ``ValueError`` for a name that is not one of the Kronecker-able matrices or a
         layer index outside ``[0, n_layer)``.
         """
-        d = self.n_embd
-        inner = self.n_inner if self.n_inner is not None else 4 * d
-        if name == "wte":
-            return (self.vocab_size, d)
-        match = _LAYER_KEY.match(name)
-        if match is None or match.group(2) not in KNGPT2_LAYER_MODULES:
-            raise ValueError(
-                f"kronecker_factors[{name!r}]: unknown module name; use 'wte' or 'h.<layer>.<module>' "
-                f"with <module> one of {', '.join(KNGPT2_LAYER_MODULES)}"
-            )
-        layer = int(match.group(1))
-        if not 0 <= layer < self.n_layer:
-            raise ValueError(
-                f"kronecker_factors[{name!r}]: layer index {layer} is out of range for n_layer={self.n_layer} "
-                f"(valid: 0..{self.n_layer - 1})"
-            )
-        return {
-            "attn.c_attn": (3 * d, d),
-            "attn.c_proj": (d, d),
-            "mlp.c_fc": (inner, d),
-            "mlp.c_proj": (d, inner),
-        }[match.group(2)]
+        return self.factor_layout().shape(name)
 
     def kronecker_spec(self, name: str) -> dict[str, Any] | None:
         """``{"a_shape": [m1, n1], "rank": r}`` for the matrix at ``name``, or ``None`` if dense."""
         return (self.kronecker_factors or {}).get(name)
 
     def _normalized_kronecker_factors(self) -> dict[str, dict[str, Any]] | None:
-        """Validate ``kronecker_factors`` and return it in canonical JSON-able form.
-
-        Canonical: ``{"a_shape": [int, int], "rank": int}`` per entry, ``"wte"`` first, then
-        layers in order. Raises ``ValueError`` naming the entry for anything invalid.
-        """
-        factors = self.kronecker_factors
-        if factors is None:
+        """``kronecker_factors`` validated and in canonical JSON-able form (``None`` stays ``None``);
+        ``ValueError`` naming the entry for anything invalid."""
+        if self.kronecker_factors is None:
             return None
-        if not isinstance(factors, dict):
-            raise ValueError(f"kronecker_factors must be a dict or None, got {type(factors).__name__}")
-        out = {}
-        for name, spec in factors.items():
-            field = f"kronecker_factors[{name!r}]"
-            if not isinstance(name, str):
-                raise ValueError(f"{field}: keys must be module names (str)")
-            kind = "embedding" if name == "wte" else "linear"
-            out[name] = canonical_factor_spec(spec, self.module_shape(name), kind, field)
-
-        def order(key: str):
-            if key == "wte":
-                return (-1, 0)
-            match = _LAYER_KEY.match(key)
-            return (int(match.group(1)), KNGPT2_LAYER_MODULES.index(match.group(2)))
-
-        return {k: out[k] for k in sorted(out, key=order)}
+        return self.factor_layout().canonical(self.kronecker_factors)
 

@@ -86,8 +86,8 @@ class KroneckerLinear(nn.Module):
         rank: number of Kronecker terms summed.
         bias: learn an additive bias of size ``out_features``.
         order: contraction strategy, ``"auto"`` (a fixed rule on the shapes,
-            :func:`~kn_transformers.contraction.contraction_order`) or one of ``KRONECKER_ORDERS``
-            (see :func:`~kn_transformers.contraction.kronecker_matmul`).
+            :func:`~kn_transformers.core.contraction.contraction_order`) or one of ``KRONECKER_ORDERS``
+            (see :func:`~kn_transformers.core.contraction.kronecker_matmul`).
 
     Parameters ``A`` (rank, m1, n1) and ``B`` (rank, m2, n2). The forward accepts any
     number of leading dimensions and never materialises the ``(m, n)`` weight.

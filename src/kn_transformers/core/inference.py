@@ -3,7 +3,7 @@
 The default forward of :class:`~kn_transformers.KroneckerLinear` is plain PyTorch with a fixed
 contraction order, the same in every process. This module is the opt-in fast path, in the shape
 of Intel's ``ipex.optimize(model)``: it times the contraction strategies per layer shape and row
-count, and where the native kernel (:mod:`kn_transformers.kernels`) covers a layer it packs
+count, and where the native kernel (:mod:`kn_transformers.core.kernels`) covers a layer it packs
 ``A`` once into the kernel's layout.
 
 What happens when a factor changes afterwards: each call compares ``A``'s version counter and data
@@ -27,7 +27,7 @@ from torch import nn
 from .contraction import _kron_apply, contraction_order
 from .kernels import (KernelUnavailable, kernel_layout, kronecker_linear_native, kronecker_linear_op, load_kernels,
                       pack_a)
-from .kronecker import KroneckerLinear
+from .layers import KroneckerLinear
 from .kronecker_math import kronecker_flops
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def optimize_for_inference(module: nn.Module, native: bool = True, autotune: boo
     Args:
         module: any ``nn.Module`` holding Kronecker layers.
         native: use the native CPU kernel where it covers a layer's shapes (float32, CPU). It is
-            compiled on first use (see :mod:`kn_transformers.kernels`); where it cannot be had
+            compiled on first use (see :mod:`kn_transformers.core.kernels`); where it cannot be had
             (no AVX-512, no compiler, not x86-64 Linux) one warning says why and the layers use
             plain PyTorch.
         autotune: time the contraction strategies (and the kernel) once per layer shape and
