@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+import transformers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -18,8 +19,8 @@ from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
-    OPTConfig,
-    OPTForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 import kn_transformers as K
@@ -28,6 +29,9 @@ from kn_transformers import merge_to_dense
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from kn_transformers.export import check_factored_graph, export_onnx, quantize_onnx  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from architectures import ARCHITECTURES  # noqa: E402
 
 VOCAB = 300
 
@@ -226,19 +230,62 @@ def test_kngpt2_onnx_with_past_matches_pytorch_and_generates_greedily(kngpt2_onn
     # greedy generation of 20 tokens through the cache, batch 1
     prompt, _ = _ids(1, 5)
     expected = student.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 5:].tolist()
-    past = {n: np.zeros((1, heads, 0, head_dim), np.float32) for n in past_names}
+    assert _greedy_through_onnx(sess, prompt, 20) == expected
+    assert len(past_names) == 2 * layers
+
+
+def _greedy_through_onnx(sess, prompt, steps):
+    """``steps`` greedy tokens from ``prompt`` (``1 × length``), each step feeding the graph's
+    ``present.*`` outputs back as ``past_key_values.*`` (the KV-cache contract of the export)."""
+    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
     current, seen, generated = prompt.numpy(), 0, []
-    for _ in range(20):
+    for _ in range(steps):
         length = current.shape[1]
         outs = sess.run(None, dict(input_ids=current, attention_mask=np.ones((1, seen + length), np.int64),
                                    position_ids=np.arange(seen, seen + length)[None], **past))
         token = int(outs[0][0, -1].argmax())
         generated.append(token)
-        past = dict(zip(past_names, outs[1:]))
-        assert past[past_names[0]].shape == (1, heads, seen + length, head_dim)
+        past = dict(zip(past, outs[1:]))
+        assert next(iter(past.values())).shape[2] == seen + length
         seen, current = seen + length, np.array([[token]])
-    assert generated == expected
-    assert len(past_names) == 2 * layers
+    return generated
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_kroneckerized_architectures_export_factored_and_match(name, tmp_path):
+    """Every architecture of the core's test table: ``kroneckerize`` then ``export_onnx`` keeps the
+    factors, matches PyTorch for two shapes, and (causal ones) generates greedily through the cache."""
+    config, auto, causal = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    teacher = getattr(transformers, auto).from_config(config).eval()
+    student = K.kroneckerize(teacher, K.KroneckerConfig(fraction=0.25, embedding=True), progress=False).eval()
+    path = export_onnx(student, tmp_path)
+    check_factored_graph(path, student)
+    sess = _session(path)
+    names = [i.name for i in sess.get_inputs()]
+    g = torch.Generator().manual_seed(0)
+    for batch, length in ((1, 5), (3, 11)):
+        ids = torch.randint(3, config.vocab_size, (batch, length), generator=g)
+        mask = torch.ones_like(ids)
+        feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy())
+        if causal:
+            feeds["position_ids"] = np.tile(np.arange(length), (batch, 1))
+            feeds.update({i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+                          for i in sess.get_inputs() if i.name.startswith("past_key_values.")})
+        else:
+            mask[0, -2:] = 0  # padding in the first row
+            feeds["attention_mask"] = mask.numpy()
+            if "token_type_ids" in names:
+                feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        with torch.no_grad():
+            ref = student(input_ids=ids, attention_mask=mask).logits
+        _close(sess.run(None, feeds)[0], ref, 1e-4)
+    if causal:
+        prompt = torch.randint(3, config.vocab_size, (1, 6), generator=g)
+        expected = student.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                                    pad_token_id=config.pad_token_id, eos_token_id=None)[0, 6:].tolist()
+        assert _greedy_through_onnx(sess, prompt, 20) == expected
 
 
 def test_export_of_an_optimised_model_takes_the_plain_path(tmp_path):
@@ -267,10 +314,10 @@ def test_int8_quantisation_is_smaller_and_close(bert_onnx, tmp_path):
 def test_export_bad_input(tmp_path):
     student = _kbert()
     torch.manual_seed(0)
-    opt = OPTForCausalLM(OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                                   vocab_size=50, max_position_embeddings=32, word_embed_proj_dim=16))
-    with pytest.raises(ValueError, match="export_onnx knows the architectures .* not 'opt'"):
-        export_onnx(opt, tmp_path / "opt.onnx")
+    t5 = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2, vocab_size=50))
+    with pytest.raises(ValueError, match="export_onnx knows the architectures .* not 't5'") as exc:
+        export_onnx(t5, tmp_path / "t5.onnx")
+    assert "\n" not in str(exc.value)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(OSError, match="choose a writable folder"):

@@ -39,8 +39,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["ONNX_ARCHITECTURES", "export_onnx", "quantize_onnx", "check_factored_graph"]
 
 #: model type of the dense architecture -> how its graph is exported ("causal": decoder with
-#: a KV cache; "encoder": bidirectional, optional token types)
-ONNX_ARCHITECTURES = {"gpt2": "causal", "bert": "encoder"}
+#: a KV cache; "encoder": bidirectional, optional token types). Each entry is tested on a tiny
+#: random configuration (tests/test_export.py); a new one is a line here once its test passes.
+ONNX_ARCHITECTURES = {
+    **dict.fromkeys(("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma", "opt", "gpt_neox"), "causal"),
+    **dict.fromkeys(("bert", "roberta", "distilbert"), "encoder"),
+}
 #: opsets the dynamo exporter writes (it translates to opset 18 and converts upwards)
 MIN_OPSET = 18
 
@@ -177,7 +181,8 @@ def export_onnx(
     example_batch: int = 2,
     example_length: int = 8,
 ) -> Path:
-    """Export ``model`` (KnGPT2, KroneckerBERT, or the dense GPT-2 / BERT they come from) to ONNX.
+    """Export ``model`` (KnGPT2, KroneckerBERT, a ``kroneckerize``-d model of an architecture in
+    ``ONNX_ARCHITECTURES``, or the dense model it came from) to ONNX.
 
     Args:
         model: the model; not changed (layers prepared by ``optimize_for_inference`` export their
