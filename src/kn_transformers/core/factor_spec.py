@@ -112,9 +112,11 @@ class FactorMapLayout:
         order, out = list(self.layer_shapes), {}
         for name, spec in factors.items():
             layer, module = self._locate(name)
-            kind = "embedding" if layer < 0 else "linear"
-            position = (layer, -1 if layer < 0 else order.index(module))
-            out[name] = (position, canonical_factor_spec(spec, self.shape(name), kind, f"{self.field}[{name!r}]"))
+            if layer < 0:
+                position, shape, kind = (layer, -1), self.embedding_shape, "embedding"
+            else:
+                position, shape, kind = (layer, order.index(module)), self.layer_shapes[module], "linear"
+            out[name] = (position, canonical_factor_spec(spec, shape, kind, f"{self.field}[{name!r}]"))
         return {name: spec for name, (_, spec) in sorted(out.items(), key=lambda item: item[1][0])}
 
 

@@ -55,9 +55,6 @@ class KroneckerBertConfig(BertConfig):
     kronecker_preset: str | None = None
 
     def __post_init__(self, **kwargs):
-        if not isinstance(self.kronecker_factors or {}, dict):
-            raise ValueError("kronecker_factors must be a dict of module name -> spec, got "
-                             f"{type(self.kronecker_factors).__name__}")
         super().__post_init__(**kwargs)
         self.validate_kronecker_factors()
 
