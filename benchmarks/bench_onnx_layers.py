@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 
 import numpy as np
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from _tee import cpu_name  # benchmarks/_tee.py
+from bench_onnx import session, time_call  # the same ORT session options and timing as the model benchmark
 from kn_transformers.core.contraction import kronecker_matmul
 
 #: name -> (m1, n1, m2, n2) of A (m1 x n1) and B (m2 x n2)
@@ -69,32 +68,23 @@ class Form(nn.Module):
 
 
 def time_in_ort(module, features, folder, threads, repeats):
-    import onnxruntime as ort
-
+    """``{shape: seconds}``: ``module`` exported alone, checked against PyTorch, timed by ORT."""
     path = os.path.join(folder, "layer.onnx")
     b, s = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.randn(2, 8, features),), path, dynamo=True, input_names=["x"],
                           dynamic_shapes=({0: b, 1: s},), verbose=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sess = session(path, threads)
     out = {}
     for shape in SHAPES:
         x = torch.randn(*shape, features)
         with torch.no_grad():
             ref = module(x).numpy()
-        got = sess.run(None, {"x": x.numpy()})[0]
-        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), "the form computes a different product"
         feeds = {"x": x.numpy()}
-        sess.run(None, feeds)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times.append(time.perf_counter() - t0)
-        out[shape] = statistics.median(times)
+        got = sess.run(None, feeds)[0]
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), "the form computes a different product"
+        out[shape] = time_call(lambda: sess.run(None, feeds), repeats)
     return out
 
 

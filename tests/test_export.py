@@ -234,11 +234,16 @@ def test_kngpt2_onnx_with_past_matches_pytorch_and_generates_greedily(kngpt2_onn
     assert len(past_names) == 2 * layers
 
 
+def _empty_past(sess, batch):
+    """Zero-length ``past_key_values.*`` feeds (the first step) for the graph's cache inputs."""
+    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+            for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+
+
 def _greedy_through_onnx(sess, prompt, steps):
     """``steps`` greedy tokens from ``prompt`` (``1 × length``), each step feeding the graph's
     ``present.*`` outputs back as ``past_key_values.*`` (the KV-cache contract of the export)."""
-    past_inputs = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
+    past = _empty_past(sess, 1)
     current, seen, generated = prompt.numpy(), 0, []
     for _ in range(steps):
         length = current.shape[1]
@@ -271,8 +276,7 @@ def test_kroneckerized_architectures_export_factored_and_match(name, tmp_path):
         feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy())
         if causal:
             feeds["position_ids"] = np.tile(np.arange(length), (batch, 1))
-            feeds.update({i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
-                          for i in sess.get_inputs() if i.name.startswith("past_key_values.")})
+            feeds.update(_empty_past(sess, batch))
         else:
             mask[0, -2:] = 0  # padding in the first row
             feeds["attention_mask"] = mask.numpy()
