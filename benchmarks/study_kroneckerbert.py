@@ -107,6 +107,9 @@ def parse_args(argv=None):
                         "stops improving (checked every this many steps, --teacher_patience checks), at most "
                         "--teacher_steps; the best state is kept and the curve recorded")
     p.add_argument("--teacher_patience", type=int, default=3)
+    p.add_argument("--teachers_only", action="store_true",
+                   help="fine-tune and score the teachers only (e.g. to find each task's plateau); no stage 1, no "
+                        "students")
     p.add_argument("--teacher_val_rows", type=int, default=500,
                    help="training rows held out (disjoint from the training subset) for the teacher's plateau")
     add_threads_arg(p)
@@ -370,7 +373,7 @@ def run_task(args, task: str, teacher_path: str, tokenizer, stage1_states: dict,
     log(f"[{task}] teacher {metric} = {score:.4f} ({seconds:.0f} s)")
     save(args, results)
 
-    for preset in args.presets:
+    for preset in [] if args.teachers_only else args.presets:
         for variant in VARIANTS:
             if variant == "stage1+ILKD" and preset not in stage1_states:
                 continue
@@ -408,7 +411,7 @@ def train_student(args, task, preset, variant, seed, teacher, teacher_score, tra
         sargs = training_args(DistillationArguments, args, name, steps, args.student_lr, batch,
                               distill_preset=args.stage2_preset, **args.stage2_weights, **extra)
         trainer = ILKDTrainer(model=student, teacher_model=teacher, args=sargs, train_dataset=train_set,
-                              data_collator=collate)
+                              data_collator=collate, processing_class=tokenizer)
     seconds = train(trainer)
     try_sdpa(student)
     try_sdpa(teacher)
@@ -452,7 +455,7 @@ def main(argv=None) -> dict:
             "tasks", "presets", "train_rows", "max_length", "batch_size", "teacher_steps", "student_steps",
             "teacher_lr", "student_lr", "stage2_preset", "stage1_preset", "stage2_weights", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
             "stage1_holdout", "stage1_eval_blocks", "seed", "seeds", "teacher_eval_every", "teacher_patience",
-            "teacher_val_rows")},
+            "teacher_val_rows", "teachers_only")},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
                         "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -462,7 +465,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         stage1_states = {}
-        if args.stage1_steps > 0:
+        if args.stage1_steps > 0 and not args.teachers_only:
             train_blocks, held_blocks, n_tokens = text_blocks(args, tokenizer)
             results["stage1_data"] = {"source": "wikitext-2/valid.txt (headings dropped)", "tokens": n_tokens,
                                       "train_blocks": len(train_blocks), "heldout_blocks": len(held_blocks)}

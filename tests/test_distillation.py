@@ -139,6 +139,17 @@ def test_arguments_presets_and_errors():
     for name in ("feature_normalization", "layer_reduction", "intermediate_schedule"):
         with pytest.raises(ValueError, match=name):
             DistillationArguments(output_dir="x", report_to=[], **{name: "other"})
+    # balanced terms at constant weights plus masked copies of each batch
+    a = DistillationArguments(output_dir="x", report_to=[], distill_preset="balanced_augmented")
+    assert (a.feature_normalization, a.intermediate_schedule, a.mask_augmentation) == ("teacher", "constant", 0.25)
+    assert DistillationArguments(output_dir="x", report_to=[]).distill_preset == "kngpt2"
+    assert all(DistillationArguments(output_dir="x", report_to=[], distill_preset=p).mask_augmentation == 0
+               for p in ("kngpt2", "kroneckerbert", "balanced"))
+    a = DistillationArguments(output_dir="x", report_to=[], distill_preset="balanced_augmented", hidden_weight=0.5)
+    assert (a.mask_augmentation, a.hidden_weight) == (0.25, 0.5)
+    for bad in (1.0, -0.1, float("nan"), "0.2"):
+        with pytest.raises(ValueError, match=r"mask_augmentation must be a number in \[0, 1\)"):
+            DistillationArguments(output_dir="x", report_to=[], mask_augmentation=bad)
 
 
 def test_normalized_hidden_mse_is_relative_to_the_teacher():
@@ -337,6 +348,86 @@ def test_classification_stage_two_with_mse_scores_and_ffn(tmp_path):
     assert {"loss_embedding", "loss_attention", "loss_ffn", "loss_logits", "loss_labels"} <= h.keys()
     assert "loss_hidden" not in h
     assert set(trainer.model.ilkd_projections.keys()) == {"embedding", "ffn"}
+
+
+def _tiny_bert_classifier_pair_and_tokenizer():
+    """A BERT teacher and student of 2 labels, a WordPiece tokenizer of their 40 ids, 32 rows."""
+    from transformers import BertTokenizer
+
+    words = [chr(97 + i) for i in range(26)] + ["a" + chr(97 + i) for i in range(9)]  # whole WordPiece tokens
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)})
+    torch.manual_seed(0)
+    cfg = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=40, num_labels=2,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    teacher = BertForSequenceClassification(BertConfig(hidden_size=16, **cfg))
+    student = BertForSequenceClassification(BertConfig(hidden_size=16, **cfg))
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(32):
+        text = " ".join(words[j] for j in torch.randint(0, 35, (3 + i % 6,), generator=gen).tolist())
+        rows.append(dict(tokenizer(text), labels=i % 2))
+    return teacher, student, tokenizer, rows
+
+
+def test_mask_augmentation_distils_the_teacher_on_masked_copies(tmp_path):
+    """balanced_augmented: every step adds the teacher terms (not the labels) on a copy of the batch
+    whose real, non-special tokens are masked at the set rate; logged as loss_augmented_*."""
+    from transformers import DataCollatorWithPadding
+
+    teacher, student, tokenizer, rows = _tiny_bert_classifier_pair_and_tokenizer()
+    collate = DataCollatorWithPadding(tokenizer)
+    special = torch.tensor(tokenizer.all_special_ids)
+
+    def copy_of(model):
+        clone = BertForSequenceClassification(model.config)
+        clone.load_state_dict(model.state_dict())
+        return clone
+
+    def make(out, **over):
+        args = DistillationArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=8, max_steps=3,
+                                     logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                                     save_strategy="no", distill_preset="balanced_augmented", **over)
+        return ILKDTrainer(model=copy_of(student), args=args, teacher_model=teacher, train_dataset=rows,
+                           data_collator=collate, processing_class=tokenizer)
+
+    trainer = make("a")
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    teacher_terms = ("embedding", "hidden", "attention", "logits")
+    for h in logs:
+        assert "loss_augmented_labels" not in h
+        plain = sum(h[f"loss_{t}"] for t in teacher_terms + ("labels",))
+        augmented = sum(h[f"loss_augmented_{t}"] for t in teacher_terms)
+        assert h["loss"] == pytest.approx(plain + augmented, rel=1e-4)  # unit weights, constant schedule
+    # the Trainer seeds the masks: the same run twice is the same
+    again = make("b")
+    again.train()
+    assert [h["loss"] for h in again.state.log_history if "loss" in h] == [h["loss"] for h in logs]
+
+    # the masked copy: no labels, only real non-special tokens change, all to [MASK], at about the rate
+    batch = collate(rows)
+    big = {k: v.repeat(40, 1) if v.dim() == 2 else v for k, v in batch.items()}
+    real = big["attention_mask"].bool() & ~torch.isin(big["input_ids"], special)
+    torch.manual_seed(0)
+    masked = trainer._masked_copy(big)
+    assert set(masked) == set(big) - {"labels"}
+    changed = masked["input_ids"] != big["input_ids"]
+    assert not (changed & ~real).any() and (masked["input_ids"][changed] == tokenizer.mask_token_id).all()
+    assert changed.sum().item() / real.sum().item() == pytest.approx(0.25, rel=0.1)
+    # a tokenizer without a mask token (GPT-2's): random non-special tokens instead
+    trainer._mask_id = None
+    drawn = trainer._masked_copy(big)["input_ids"]
+    changed = drawn != big["input_ids"]
+    assert not (changed & ~real).any() and not torch.isin(drawn[changed], special).any()
+    assert changed.sum().item() / real.sum().item() == pytest.approx(0.25 * 35 / 40, rel=0.15)
+
+    with pytest.raises(ValueError, match="needs processing_class= the tokenizer"):
+        ILKDTrainer(model=copy_of(student), teacher_model=teacher, train_dataset=rows,
+                    args=DistillationArguments(output_dir=str(tmp_path / "c"), report_to=[], use_cpu=True,
+                                               distill_preset="balanced_augmented"))
+    with pytest.raises(ValueError, match="every teacher term has weight 0"):
+        make("d", embedding_weight=0, hidden_weight=0, attention_weight=0, logits_weight=0)
 
 
 # ----------------------------------------------------------------------------- Kronecker students

@@ -200,9 +200,12 @@ def test_run_glue_on_the_real_minilm_teacher_rte(tmp_path, minilm_path, shared_d
          "--output_dir", str(teacher_dir), *COMMON])
     s_metrics = kn_transformers.recipes.run_glue.main(
         ["--model_name_or_path", str(teacher_dir), "--preset", "kroneckerbert8", "--teacher_model_name_or_path",
-         str(teacher_dir), "--distill_preset", "kroneckerbert", "--task_name", "rte", *glue_files(shared_data, "rte"),
+         str(teacher_dir), "--distill_preset", "balanced_augmented", "--task_name", "rte", *glue_files(shared_data, "rte"),
          "--max_train_samples", "256", "--max_steps", "16", "--learning_rate", "5e-4", "--max_seq_length", "128",
          "--output_dir", str(tmp_path / "student"), *COMMON])
+    # balanced terms and masked copies through the real tokenizer; the card names the recipe
+    assert {"eval_loss_hidden", "eval_loss_attention", "eval_loss_logits"} <= s_metrics.keys()
+    assert "preset `balanced_augmented`, mask augmentation 0.25" in (tmp_path / "student" / "README.md").read_text()
     for m in (t_metrics, s_metrics):
         assert m["eval_samples"] == 277 and 0.3 < m["eval_accuracy"] < 0.8  # RTE dev: 277 pairs, 2 classes
     print(f"\nRTE dev accuracy: teacher {t_metrics['eval_accuracy']:.4f}, "

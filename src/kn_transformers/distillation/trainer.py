@@ -11,8 +11,10 @@ labels (the student's own loss); see :mod:`.losses`. The presets in :mod:`.argum
 the terms are scaled (raw and summed over the mapped layers as in the papers, or ``"balanced"``:
 relative to the teacher, averaged over layers, and ``intermediate_schedule`` deciding when the
 intermediate terms count: always, fading linearly, or the first half of training only).
+With ``mask_augmentation`` > 0 every training step adds the same sum, labels left out, over a
+copy of the batch with that fraction of its tokens masked (TinyBERT-style augmentation).
 Each term is logged raw (before its weight) at every logging step, for training and evaluation
-(``loss_hidden``, ``eval_loss_hidden``, ...).
+(``loss_hidden``, ``eval_loss_hidden``, ``loss_augmented_hidden``, ...).
 """
 
 from __future__ import annotations
@@ -139,6 +141,9 @@ class ILKDTrainer(Trainer):
             args.ddp_find_unused_parameters = False
         self.causal = _is_causal(teacher_model)
         self.regression = _is_regression(model)
+        if args.mask_augmentation > 0:
+            self._mask_id, self._special_ids, self._vocab = self._mask_tokens(
+                kwargs.get("processing_class"), args.mask_augmentation, s_cfg.vocab_size)
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the student's label loss is a per-batch mean
         teacher_model.requires_grad_(False)
@@ -175,6 +180,18 @@ class ILKDTrainer(Trainer):
                 f"attention maps cannot be matched: student has {s.num_attention_heads} heads, teacher "
                 f"{t.num_attention_heads} (set attention_weight=0)"
             )
+
+    def _mask_tokens(self, tokenizer, rate: float, vocab_size: int) -> tuple[Optional[int], torch.Tensor, int]:
+        """What augmentation writes: the tokenizer's mask token id (``None`` without one, e.g. GPT-2's:
+        random tokens instead), the special ids it leaves alone, and the vocabulary it draws from."""
+        if not any(self.weights[t] > 0 for t in ("embedding", "hidden", "attention", "ffn", "logits")):
+            raise ValueError("mask_augmentation distils the teacher on masked copies, but every teacher term has "
+                             "weight 0; set mask_augmentation=0 or give a teacher term a weight")
+        if tokenizer is None or not hasattr(tokenizer, "all_special_ids"):
+            raise ValueError(f"mask_augmentation={rate} needs processing_class= the tokenizer (for its mask and "
+                             "special tokens); pass it or set mask_augmentation=0")
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        return getattr(tokenizer, "mask_token_id", None), special, min(len(tokenizer), vocab_size)
 
     def _find_ffn(self, model: nn.Module, who: str) -> list[nn.Module]:
         modules = _ffn_modules(model)
@@ -229,6 +246,25 @@ class ILKDTrainer(Trainer):
     # -- the loss -------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        terms, s_out = self._terms(model, inputs)
+        if not terms:
+            raise ValueError("every distillation term has weight 0 (or no labels were given for the labels term)")
+        mode = "train" if model.training else "eval"
+        loss = self._weighted_sum(terms, inputs, mode, "loss_")
+        if model.training and self.args.mask_augmentation > 0:
+            # the teacher on a masked copy: its outputs there are targets that labels cannot give
+            masked = self._masked_copy(inputs)
+            aug_terms, _ = self._terms(model, masked)
+            if aug_terms:
+                loss = loss + self._weighted_sum(aug_terms, masked, mode, "loss_augmented_")
+        if return_outputs:
+            # only what predictions need: hidden states and attentions would balloon eval memory
+            keep = ("logits",) if "logits" in s_out else ("start_logits", "end_logits")
+            return loss, {k: s_out[k] for k in keep if k in s_out}
+        return loss
+
+    def _terms(self, model, inputs) -> tuple[dict, object]:
+        """Each used term (unweighted) for one batch, and the student's outputs."""
         w = self.weights
         need_hidden = w["embedding"] > 0 or w["hidden"] > 0
         need_attention = w["attention"] > 0
@@ -268,25 +304,39 @@ class ILKDTrainer(Trainer):
             terms["logits"] = self._logits_term(s_out, t_out, token_mask)
         if w["labels"] > 0 and getattr(s_out, "loss", None) is not None:
             terms["labels"] = s_out.loss
+        return terms, s_out
 
-        if not terms:
-            raise ValueError("every distillation term has weight 0 (or no labels were given for the labels term)")
-        mode = "train" if model.training else "eval"
+    def _weighted_sum(self, terms: dict, inputs: dict, mode: str, prefix: str) -> torch.Tensor:
+        """``Σ weight · schedule · term``, after the finiteness check; logs each term as ``prefix + name``."""
         device = next(iter(terms.values())).device
         stacked = torch.stack([v.detach().float().to(device) for v in terms.values()])
         values = dict(zip(terms, stacked.tolist()))  # one device sync for the check and the logs
         if not all(map(math.isfinite, values.values())):
             self._check_finite(terms, values, inputs, mode)
         scale, task_scale = self._term_scales(terms)
-        loss = sum(w[name] * (scale if name in INTERMEDIATE_TERMS else task_scale) * value
-                   for name, value in terms.items())
         for name, value in values.items():
-            self._metrics[mode][f"loss_{name}"].append(value)
-        if return_outputs:
-            # only what predictions need: hidden states and attentions would balloon eval memory
-            keep = ("logits",) if "logits" in s_out else ("start_logits", "end_logits")
-            return loss, {k: s_out[k] for k in keep if k in s_out}
-        return loss
+            self._metrics[mode][prefix + name].append(value)
+        return sum(self.weights[name] * (scale if name in INTERMEDIATE_TERMS else task_scale) * value
+                   for name, value in terms.items())
+
+    def _masked_copy(self, inputs: dict) -> dict:
+        """``inputs`` without labels, each real non-special token replaced with probability
+        ``mask_augmentation`` by the mask token (by a random non-special token where the tokenizer
+        has none). Draws from torch's global generator, which the Trainer seeds."""
+        ids = inputs["input_ids"]
+        special = self._special_ids.to(ids.device)
+        keep = torch.isin(ids, special)
+        if inputs.get("attention_mask") is not None:
+            keep |= ~inputs["attention_mask"].bool()
+        hit = (torch.rand(ids.shape, device=ids.device) < self.args.mask_augmentation) & ~keep
+        if self._mask_id is not None:
+            new_ids = ids.masked_fill(hit, self._mask_id)
+        else:
+            drawn = torch.randint(0, self._vocab, ids.shape, device=ids.device)
+            new_ids = torch.where(hit & ~torch.isin(drawn, special), drawn, ids)
+        masked = {k: v for k, v in inputs.items() if k != "labels"}
+        masked["input_ids"] = new_ids
+        return masked
 
     def _check_finite(self, terms: dict, values: dict, inputs: dict, mode: str) -> None:
         """Drop a NaN ``labels`` term of a batch without a single label (e.g. an MLM batch with

@@ -135,7 +135,8 @@ def main(argv=None) -> dict:
     if training_args.should_save and training_args.do_train:
         recipe = (f"Fine-tuned on GLUE {task.name.upper()} with "
                   + (f"ILKD from `{model_args.teacher_model_name_or_path}` (weights "
-                     f"{json.dumps(training_args.loss_weights)}, attention loss {training_args.attention_loss})"
+                     f"{json.dumps(training_args.loss_weights)}, attention loss {training_args.attention_loss}, preset "
+                     f"`{training_args.distill_preset}`, mask augmentation {training_args.mask_augmentation})"
                      if teacher is not None else "the task labels alone")
                   + f"; {training_args.num_train_epochs} epochs, learning rate {training_args.learning_rate}, "
                     f"batch {training_args.per_device_train_batch_size}, max length {data_args.max_seq_length}.")
