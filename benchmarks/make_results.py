@@ -145,6 +145,15 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
                    f" | {e['max_length']} | {e['batch_size']} | {e['teacher_steps']} | {e['student_steps']} | "
                    + (f"{t['score']:.4f} ({fmt_s(t['seconds'])})" if t else "n/a") + " |")
     out.append("")
+    curves = [(task, e) for task, e in d.get("tasks", {}).items() if e.get("teacher_curve")]
+    if curves:
+        out += [f"Teacher plateau: metric on {b.get('teacher_val_rows', 'n/a')} held-out training rows every "
+                f"{b.get('teacher_eval_every')} steps (patience {b.get('teacher_patience')}); the best state is kept "
+                "and scored on the dev set above:", ""]
+        for task, e in curves:
+            out.append(f"- {TASK_LABEL.get(task, task)}: " + ", ".join(f"{s}: {v:.3f}" for s, v in e["teacher_curve"])
+                       + f" (kept step {e['teacher'].get('steps')})")
+        out.append("")
     if d.get("stage1"):
         s1d = d.get("stage1_data", {})
         out += [f"Stage 1 (general distillation of the MiniLM encoder on WikiText-2 text, "
@@ -156,6 +165,9 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
                        f"{s['block_size']} | {s['tokens_seen']:,} | {s['heldout_before']['eval_loss']:.3f} | "
                        f"{s['heldout_after']['eval_loss']:.3f} | {fmt_s(s['seconds'])} |")
         out.append("")
+    if b.get("teachers_only"):
+        return out + ["Teachers only (`--teachers_only`): no students were trained in this run.", "",
+                      "Budgets: " + ", ".join(f"`{k}={v}`" for k, v in b.items()), ""]
     seeds = b.get("seeds")
     out += ["Dev-set scores (official metric) and retention = student / teacher"
             + (f"; mean ± standard deviation over seeds {seeds}" if seeds and len(seeds) > 1 else "") + ":", "",
@@ -674,7 +686,8 @@ def main(argv=None) -> str:
         n for n in names if n != "kroneckerbert_ablation"]
     abls = [(n, load(os.path.join(args.results_dir, n + ".json"))) for n in names]
     lm = load(os.path.join(args.results_dir, "kngpt2_vs_distilgpt2.json"))
-    charts = {n: ablation_chart(a, os.path.join(args.results_dir, n + ".png")) for n, a in abls}
+    charts = {n: None if a["budgets"].get("teachers_only") else
+              ablation_chart(a, os.path.join(args.results_dir, n + ".png")) for n, a in abls}
     lm_chart = curve_chart(lm, os.path.join(args.results_dir, "kngpt2_perplexity.png")) if lm else None
 
     doc = ["# Results", "",
