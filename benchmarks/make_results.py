@@ -165,9 +165,9 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
                        f"{s['block_size']} | {s['tokens_seen']:,} | {s['heldout_before']['eval_loss']:.3f} | "
                        f"{s['heldout_after']['eval_loss']:.3f} | {fmt_s(s['seconds'])} |")
         out.append("")
+    budgets = ["Budgets: " + ", ".join(f"`{k}={v}`" for k, v in b.items()), ""]
     if b.get("teachers_only"):
-        return out + ["Teachers only (`--teachers_only`): no students were trained in this run.", "",
-                      "Budgets: " + ", ".join(f"`{k}={v}`" for k, v in b.items()), ""]
+        return out + ["Teachers only (`--teachers_only`): no students were trained in this run.", ""] + budgets
     seeds = b.get("seeds")
     out += ["Dev-set scores (official metric) and retention = student / teacher"
             + (f"; mean ± standard deviation over seeds {seeds}" if seeds and len(seeds) > 1 else "") + ":", "",
@@ -189,7 +189,7 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
     out.append("")
     if chart:
         out += [f"![KroneckerBERT ablation]({rel(chart)})", ""]
-    out += ["Budgets: " + ", ".join(f"`{k}={v}`" for k, v in b.items()), ""]
+    out += budgets
     if "stage2_weights" not in b:
         out += ["This run predates `--stage2_weights`: stage 2 used the paper's unit weights, and the script's "
                 "defaults were the budgets above (`benchmarks/README.md` gives the command that repeats it today).",

@@ -29,6 +29,12 @@ from transformers import TrainingArguments
 # for kroneckerbert8 and behind for kroneckerbert21: like "balanced", not yet a winner.
 _PAPER = dict(feature_normalization="none", layer_reduction="sum", intermediate_schedule="constant",
               mask_augmentation=0.0)
+_BALANCED = dict(
+    embedding_weight=1.0, hidden_weight=1.0, attention_weight=1.0, ffn_weight=0.0,
+    logits_weight=1.0, labels_weight=1.0, attention_loss="kl", temperature=1.0,
+    feature_normalization="teacher", layer_reduction="mean", intermediate_schedule="two_phase",
+    mask_augmentation=0.0,
+)
 DISTILLATION_PRESETS: dict[str, dict] = {
     "kngpt2": dict(
         embedding_weight=1.0, hidden_weight=1.0, attention_weight=1.0, ffn_weight=0.0,
@@ -38,22 +44,13 @@ DISTILLATION_PRESETS: dict[str, dict] = {
         embedding_weight=1.0, hidden_weight=0.0, attention_weight=1.0, ffn_weight=1.0,
         logits_weight=1.0, labels_weight=1.0, attention_loss="mse_scores", temperature=1.0, **_PAPER,
     ),
-    "balanced": dict(
-        embedding_weight=1.0, hidden_weight=1.0, attention_weight=1.0, ffn_weight=0.0,
-        logits_weight=1.0, labels_weight=1.0, attention_loss="kl", temperature=1.0,
-        feature_normalization="teacher", layer_reduction="mean", intermediate_schedule="two_phase",
-        mask_augmentation=0.0,
-    ),
-    "balanced_augmented": dict(
-        embedding_weight=1.0, hidden_weight=1.0, attention_weight=1.0, ffn_weight=0.0,
-        logits_weight=1.0, labels_weight=1.0, attention_loss="kl", temperature=1.0,
-        feature_normalization="teacher", layer_reduction="mean", intermediate_schedule="constant",
-        mask_augmentation=0.25,
-    ),
+    "balanced": _BALANCED,
+    "balanced_augmented": dict(_BALANCED, intermediate_schedule="constant", mask_augmentation=0.25),
 }
 # the loss used when no preset is given (unchanged until a study shows another one winning)
 DEFAULT_PRESET = "kngpt2"
 INTERMEDIATE_TERMS = ("embedding", "hidden", "attention", "ffn")
+TEACHER_TERMS = INTERMEDIATE_TERMS + ("logits",)  # the terms that need the teacher (not the labels)
 LOSS_TERMS = ("embedding", "hidden", "attention", "ffn", "logits", "labels")
 
 

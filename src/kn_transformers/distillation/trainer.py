@@ -34,7 +34,7 @@ from transformers.utils import logging
 
 from ..models.architectures import FFN_MODULES, ffn_pattern
 from ..models.attention_scores import ATTENTION_SCORES_IMPLEMENTATION
-from .arguments import INTERMEDIATE_TERMS, DistillationArguments, parse_layer_map
+from .arguments import INTERMEDIATE_TERMS, TEACHER_TERMS, DistillationArguments, parse_layer_map
 from .losses import (
     attention_kl,
     attention_score_mse,
@@ -184,7 +184,7 @@ class ILKDTrainer(Trainer):
     def _mask_tokens(self, tokenizer, rate: float, vocab_size: int) -> tuple[Optional[int], torch.Tensor, int]:
         """What augmentation writes: the tokenizer's mask token id (``None`` without one, e.g. GPT-2's:
         random tokens instead), the special ids it leaves alone, and the vocabulary it draws from."""
-        if not any(self.weights[t] > 0 for t in ("embedding", "hidden", "attention", "ffn", "logits")):
+        if not any(self.weights[t] > 0 for t in TEACHER_TERMS):
             raise ValueError("mask_augmentation distils the teacher on masked copies, but every teacher term has "
                              "weight 0; set mask_augmentation=0 or give a teacher term a weight")
         if tokenizer is None or not hasattr(tokenizer, "all_special_ids"):
