@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 from torch import nn
@@ -119,6 +120,58 @@ def _target_modules(text):
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _budget(text: str):
+    """argparse type: a parameter count (an int) or a fraction in (0, 1)."""
+    try:
+        value = int(text)
+        if value >= 1:
+            return value
+    except ValueError:
+        try:
+            value = float(text)
+            if math.isfinite(value) and 0 < value < 1:
+                return value
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"--budget takes a parameter count (e.g. 20000000) or a fraction in (0, 1) "
+                                     f"(e.g. 0.25), got {text!r}")
+
+
+def read_calibration_file(path: str, tokenizer, samples: Optional[int], max_length: int = 128):
+    """Token ids of the first ``samples`` texts of ``path``: a text file (one text per non-empty line)
+    or JSON lines with ``text`` / ``sentence`` / ``sentence1`` (+ ``sentence2``) fields."""
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--calibration_file {path!r} does not exist")
+    first, second = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith((".jsonl", ".json")):
+                row = json.loads(line)
+                key = next((k for k in ("text", "sentence", "sentence1", "question") if isinstance(row.get(k), str)), None)
+                if key is None:
+                    raise ValueError(f"{path}: a JSON line needs a 'text', 'sentence' or 'sentence1' field; got {sorted(row)}")
+                first.append(row[key])
+                pair = {"sentence1": "sentence2", "question": "sentence"}.get(key)
+                if pair and isinstance(row.get(pair), str):
+                    second.append(row[pair])
+            else:
+                first.append(line)
+            if samples is not None and len(first) >= samples:
+                break
+    if not first:
+        raise ValueError(f"--calibration_file {path!r} holds no text")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pairs = second if len(second) == len(first) else None
+    return tokenizer(first, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
 def _a_shape(text: str) -> list:
     try:
         m1, n1 = (int(v) for v in text.replace("x", ",").split(","))
@@ -139,6 +192,16 @@ def _head_of(teacher_path: str) -> str:
     return "base"
 
 
+def _is_paper_family(teacher: str) -> bool:
+    from .recipes.students import model_family
+
+    try:
+        model_family(teacher)
+        return True
+    except ValueError:
+        return False
+
+
 def _cmd_compress(args) -> int:
     import os
 
@@ -151,15 +214,29 @@ def _cmd_compress(args) -> int:
     args.teacher = check_model_name_or_path(args.teacher, "teacher")
     generic = any(v is not None for v in (args.target_modules, args.fraction, args.a_shape)) or args.embedding
     head = args.head or _head_of(args.teacher)
-    if generic:
+    init = args.init or ("activation" if args.calibration_file else "svd")
+    if init == "activation" and not args.calibration_file:
+        raise ValueError("--init activation needs --calibration_file (text like the task's, one per line, or JSON lines)")
+    if args.calibration_file and init != "activation":
+        raise ValueError("--calibration_file is used by --init activation only")
+    calibration = None
+    if args.calibration_file:
+        calibration = read_calibration_file(args.calibration_file, AutoTokenizer.from_pretrained(args.teacher),
+                                            args.calibration_samples, args.max_length)
+    init_options = {"init": init, "calibration_data": calibration, "calibration_samples": args.calibration_samples,
+                    "budget": args.budget}
+    if generic or (args.budget is not None and args.preset is None and args.target_fraction is None
+                   and not _is_paper_family(args.teacher)):
         if args.preset is not None or args.target_fraction is not None:
             raise ValueError("--preset/--target_fraction are the paper presets; with --target_modules, "
                              "--fraction or --a_shape leave them out")
         config = KroneckerConfig(target_modules=_target_modules(args.target_modules or "all-linear"),
                                  exclude_modules=_target_modules(args.exclude_modules), embedding=args.embedding,
-                                 a_shape=args.a_shape, fraction=args.fraction, rank=args.rank)
+                                 a_shape=args.a_shape, fraction=args.fraction, budget=args.budget, rank=args.rank,
+                                 init=init, sequential=args.sequential)
         teacher = load_model(args.teacher, head)
-        student = kroneckerize(teacher, config)
+        student = kroneckerize(teacher, config, calibration_data=calibration,
+                               calibration_samples=args.calibration_samples)
     else:
         try:
             family = model_family(args.teacher)
@@ -168,8 +245,13 @@ def _cmd_compress(args) -> int:
                              "(or --a_shape M1,N1), optionally --target_modules") from None
         if args.head is None and family == "gpt2" and head == "base":
             head = "causal-lm"  # a bare GPT2Model: KnGPT2 is a language model
+        if args.sequential:
+            raise ValueError("--sequential applies to kroneckerize targets (--fraction/--target_modules); "
+                             "the paper presets calibrate on the teacher")
         teacher = load_model(args.teacher, head)
-        student = convert_to_student(teacher, args.preset, args.target_fraction, head)
+        if args.rank != 1:
+            init_options["rank"] = args.rank
+        student = convert_to_student(teacher, args.preset, args.target_fraction, head, **init_options)
     student.save_pretrained(args.output_dir)
     try:
         AutoTokenizer.from_pretrained(args.teacher).save_pretrained(args.output_dir)
@@ -179,8 +261,10 @@ def _cmd_compress(args) -> int:
     if report is not None:
         report.to_json(os.path.join(args.output_dir, "compression_report.json"))
         print(report.to_markdown())
+    how = ("Activation-aware initialisation (calibrated on " + os.path.basename(args.calibration_file) + ")"
+           if init == "activation" else "Nearest-Kronecker initialisation")
     create_model_card(student, base_model=args.teacher, report=report,
-                      training="Nearest-Kronecker initialisation only: not distilled yet.").save(
+                      training=how + " only: not distilled yet.").save(
         os.path.join(args.output_dir, "README.md"))
     print(f"Student written to {args.output_dir}")
     return 0
@@ -316,6 +400,18 @@ def _main(argv: list) -> int:
     p.add_argument("--a_shape", type=_a_shape, default=None, help="any model: M1,N1 of every A factor")
     p.add_argument("--rank", type=int, default=1, help="Kronecker terms per matrix (with --fraction/--a_shape)")
     p.add_argument("--embedding", action="store_true", help="also compress the input token embedding")
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="global parameter budget: the student's total (an int) or a fraction of the targeted "
+                        "matrices (e.g. 0.25); each matrix's shape and rank (up to --rank) are then chosen")
+    p.add_argument("--init", choices=["svd", "activation"], default=None,
+                   help="svd (the papers' nearest Kronecker product) or activation (minimise each layer's output "
+                        "error on --calibration_file); default: activation when a calibration file is given")
+    p.add_argument("--calibration_file", default=None,
+                   help="text for --init activation: one text per line, or JSON lines with text/sentence fields")
+    p.add_argument("--calibration_samples", type=int, default=128, help="texts of --calibration_file to use")
+    p.add_argument("--max_length", type=int, default=128, help="tokens per calibration text")
+    p.add_argument("--sequential", action="store_true",
+                   help="with --init activation: calibrate each block on the compressed blocks' outputs")
     p.add_argument("--head", default=None,
                    help="causal-lm | sequence-classification | masked-lm | question-answering | base; "
                         "default: the teacher's")

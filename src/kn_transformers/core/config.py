@@ -33,7 +33,7 @@ def is_kroneckerized(model) -> bool:
     return method == QUANT_METHOD
 
 
-INITS = ("svd", "random")
+INITS = ("svd", "activation", "random")
 TIED_HEADS = ("factored", "dense")
 
 
@@ -78,17 +78,28 @@ class KroneckerConfig(QuantizationConfigMixin):
             modules are targeted; modules outside any block (a pooler) are then left out.
         embedding: also compress the input token embedding (``get_input_embeddings()``).
 
-    Shapes (exactly one of ``a_shape`` / ``fraction``, or neither when ``shape_pattern`` covers every target):
+    Shapes (exactly one of ``a_shape`` / ``fraction`` / ``budget``, or none when ``shape_pattern`` covers every target):
         a_shape: ``(m1, n1)`` of every ``A_r``; each matched ``(out, in)`` matrix must be divisible.
         fraction: per-matrix parameter fraction in (0, 1); each matrix gets
             ``choose_kronecker_factors(out, in, fraction)``'s split (the embedding the paper's
             ``V × d/n`` split with the smallest ``n`` that fits).
-        rank: Kronecker terms per matrix.
+        budget: a global parameter budget instead of one rule for all: an int is the compressed
+            model's total parameter count (tied weights once), a float in (0, 1) a fraction of the
+            targeted matrices' parameters. Each matrix then gets the ``(a_shape, rank ≤ rank)`` that
+            minimises the summed relative (activation-weighted with ``init="activation"``) error,
+            never exceeding the budget (:mod:`.budget`).
+        rank: Kronecker terms per matrix (with ``budget``: the largest rank considered).
         shape_pattern / rank_pattern: ``{regex: a_shape}`` / ``{regex: rank}`` overrides, matched as
             PEFT's ``rank_pattern`` (against the name's end, e.g. ``"mlp.down_proj"``).
 
     Init and head:
-        init: ``"svd"`` (the papers' nearest Kronecker product of each weight) or ``"random"``.
+        init: ``"svd"`` (the papers' nearest Kronecker product of each weight), ``"activation"``
+            (minimise the layer's output error ``‖(W − Σ A_r⊗B_r) X‖`` over calibration inputs ``X``:
+            pass ``calibration_data`` to ``kroneckerize``; :mod:`.weighted_kronecker`) or ``"random"``.
+        damping: with ``init="activation"``, the input covariance gets ``damping·mean(diag)`` added
+            (GPTQ's ``percdamp``; larger moves the objective towards the plain SVD's).
+        sequential: with ``init="activation"``, calibrate each block on the outputs of the already
+            compressed blocks before it (GPTQ, SVD-LLM) instead of on the teacher's.
         normalize: rescale each product to its weight's Frobenius norm (Krony-PT).
         tied_head: for an output head tied to a compressed embedding: ``"factored"`` keeps it tied
             and computes logits from the factors (``KroneckerEmbedding.logits``, no ``V×d`` matrix);
@@ -104,10 +115,13 @@ class KroneckerConfig(QuantizationConfigMixin):
     embedding: bool = False
     a_shape: Optional[list[int]] = None
     fraction: Optional[float] = None
+    budget: Union[int, float, None] = None
     rank: int = 1
     shape_pattern: dict[str, list[int]] = field(default_factory=dict)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     init: str = "svd"
+    damping: float = 0.01
+    sequential: bool = False
     normalize: bool = False
     tied_head: str = "factored"
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -128,12 +142,22 @@ class KroneckerConfig(QuantizationConfigMixin):
             self.layers = sorted({int(i) for i in layers})
         if not isinstance(self.embedding, bool):
             raise ValueError(f"embedding must be True or False, got {self.embedding!r}")
-        if not self.modules:  # a resolved config needs neither
-            if self.a_shape is not None and self.fraction is not None:
-                raise ValueError("give exactly one of a_shape=(m1, n1) or fraction=... (both were given)")
-            if self.a_shape is None and self.fraction is None and not self.shape_pattern:
-                raise ValueError("give exactly one of a_shape=(m1, n1) or fraction=... (neither was given; "
+        if self.budget is not None:
+            budget = self.budget
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or (
+                    isinstance(budget, numbers.Integral) and budget < 1) or (
+                    not isinstance(budget, numbers.Integral) and not 0 < budget < 1):
+                raise ValueError(f"budget must be a parameter count (int >= 1) or a fraction in (0, 1), got {budget!r}")
+            self.budget = int(budget) if isinstance(budget, numbers.Integral) else float(budget)
+        if not self.modules:  # a resolved config needs none
+            given = [k for k in ("a_shape", "fraction", "budget") if getattr(self, k) is not None]
+            if len(given) > 1:
+                raise ValueError(f"give exactly one of a_shape=(m1, n1), fraction=... or budget=... ({' and '.join(given)} were given)")
+            if not given and not self.shape_pattern:
+                raise ValueError("give exactly one of a_shape=(m1, n1), fraction=... or budget=... (none was given; "
                                  "or a shape_pattern for every target)")
+            if self.budget is not None and (self.shape_pattern or self.rank_pattern):
+                raise ValueError("budget chooses every matrix's shape and rank: leave shape_pattern/rank_pattern out")
         if self.a_shape is not None:
             self.a_shape = _as_pair(self.a_shape, "a_shape")
         if self.fraction is not None:
@@ -149,6 +173,16 @@ class KroneckerConfig(QuantizationConfigMixin):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be True or False, got {self.normalize!r}")
+        if self.normalize and self.init == "activation":
+            raise ValueError("normalize=True rescales to the weight's norm, which init='activation' does not aim at; "
+                             "use one of them")
+        if isinstance(self.damping, bool) or not isinstance(self.damping, numbers.Real) or self.damping < 0:
+            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        self.damping = float(self.damping)
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be True or False, got {self.sequential!r}")
+        if self.sequential and self.init != "activation":
+            raise ValueError("sequential=True is a calibration scheme: it needs init='activation'")
         if self.tied_head not in TIED_HEADS:
             raise ValueError(f"tied_head must be one of {TIED_HEADS}, got {self.tied_head!r}")
         self.modules = {name: self._check_entry(name, spec) for name, spec in dict(self.modules or {}).items()}

@@ -18,7 +18,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .budget import embedding_candidates, matrix_candidates, solve_budget
+from .calibration import InputStatistics, calibration_batches, calibration_groups, collect_statistics
 from .report import CompressionReport, ModuleReport, count_parameters
+from .weighted_kronecker import damped, row_weighted_nearest_kronecker, weighted_nearest_kronecker
 from .factor_search import choose_embedding_factors, choose_kronecker_factors
 from .factor_spec import factor_split
 from .layers import KroneckerEmbedding, KroneckerLinear
@@ -27,7 +30,7 @@ from .dispatch import TiedKroneckerHead, dispatch_for, kronecker_like, replace_m
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["decompose_module", "kroneckerize", "layer_index", "resolve_modules"]
+__all__ = ["calibrate", "decompose_module", "kroneckerize", "layer_index", "plan_budget", "resolve_modules"]
 
 #: Containers of the repeated blocks, as PEFT's ``layers_pattern`` defaults.
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
@@ -203,20 +206,72 @@ def _fill_from_teacher(student: nn.Module, teacher: nn.Module) -> None:
                 tensors[key] = clones[id(source)]
 
 
+def _output_error(kind: str, W: torch.Tensor, approx: torch.Tensor, statistics: InputStatistics) -> float:
+    """``‖(W − Ŵ) X‖ / ‖W X‖`` over the calibration inputs (embedding: rows weighted by token counts)."""
+    W, E = W.double(), W.double() - approx.double()
+    if kind == "embedding":
+        w = statistics.sum_xx[: W.shape[0], None]
+        return float(((w * E * E).sum() / (w * W * W).sum().clamp_min(1e-300)).sqrt())
+    if statistics.sum_cross is not None:  # ‖W x − Ŵ x̂‖ against the teacher's own inputs x
+        What = approx.double()
+        err = (((W @ statistics.sum_teacher) * W).sum() - 2 * ((What @ statistics.sum_cross.T) * W).sum()
+               + ((What @ statistics.sum_xx) * What).sum())
+        return float((err.clamp_min(0) / ((W @ statistics.sum_teacher) * W).sum().clamp_min(1e-300)).sqrt())
+    C = statistics.covariance
+    return float((((E @ C) * E).sum().clamp_min(0) / ((W @ C) * W).sum().clamp_min(1e-300)).sqrt())
+
+
+def _activation_init_(layer: nn.Module, W: torch.Tensor, statistics: InputStatistics, damping: float, name: str) -> str:
+    """Set ``layer``'s factors to minimise the calibration output error; returns the init used."""
+    if isinstance(layer, KroneckerEmbedding):
+        counts = statistics.sum_xx
+        if layer.b_shape[0] != 1:
+            logger.warning(f"{name}: init='activation' weights embedding rows by token frequency, which has a closed "
+                           f"form only for B with one row (a_shape [{layer.num_rows}, n1]); using the plain SVD")
+            layer.init_from_weight_(W)
+            return "svd"
+        padded, weights = W.detach(), counts[: W.shape[0]]
+        if layer.num_rows > W.shape[0]:
+            padded = torch.cat([padded, padded.new_zeros(layer.num_rows - W.shape[0], W.shape[1])])
+            weights = torch.cat([weights, weights.new_zeros(layer.num_rows - W.shape[0])])
+        A, B = row_weighted_nearest_kronecker(padded, layer.a_shape, layer.rank, weights, damping)
+    else:
+        target = W
+        if statistics.sum_cross is not None:
+            # ‖W x − Ŵ x̂‖² = ‖(W* − Ŵ) x̂‖² + const with W* = W K Ĉ⁻¹ (K = Σ x x̂ᵀ, Ĉ = Σ x̂ x̂ᵀ): the
+            # weighted fit of the dense map that best undoes the upstream error (damped as the fit is)
+            target = torch.linalg.solve(damped(statistics.sum_xx, damping), (W.double() @ statistics.sum_cross).T).T
+        A, B, fit = weighted_nearest_kronecker(target, layer.a_shape, layer.rank, statistics.covariance,
+                                               damping=damping)
+        logger.info(f"{name}: activation-aware init from {fit.start}, {fit.iterations} ALS iterations, "
+                    f"relative output error² {fit.start_error:.4f} -> {fit.error:.4f}")
+    layer.A.copy_(A)
+    layer.B.copy_(B)
+    return "activation"
+
+
 @torch.no_grad()
 def decompose_module(dense: nn.Module, name: str, a_shape, rank: int = 1, *, normalize: bool = False,
-                     svd_dtype: torch.dtype = torch.float64, init: str = "svd") -> tuple[nn.Module, ModuleReport]:
+                     svd_dtype: torch.dtype = torch.float64, init: str = "svd",
+                     statistics: Optional[InputStatistics] = None, damping: float = 0.01) -> tuple[nn.Module, ModuleReport]:
     """The Kronecker layer of ``dense`` (any module the table knows) and its :class:`ModuleReport`.
 
     The one place a dense module becomes a Kronecker layer: built through the module table, its
-    factors the nearest Kronecker product of the weight (``init="svd"``; ``"random"``: the product's
-    entries get the weight's std), the bias copied, the relative Frobenius error measured.
+    factors the nearest Kronecker product of the weight (``init="svd"``), the minimiser of the
+    output error over the calibration ``statistics`` (``"activation"``), or random with the
+    weight's std (``"random"``); the bias copied; the relative Frobenius error (and, with
+    ``statistics``, the relative output error) measured.
     """
     entry = dispatch_for(dense)
     layer = kronecker_like(dense, a_shape, rank, name)
     W = entry.weight(dense).detach()
+    used = init
     if init == "random":
         layer.reset_parameters(std=float(W.float().std()))
+    elif init == "activation":
+        if statistics is None:
+            raise ValueError(f"module {name!r}: init='activation' needs calibration statistics (calibration_data=...)")
+        used = _activation_init_(layer, W, statistics, damping, name)
     else:
         layer.init_from_weight_(W, normalize=normalize, svd_dtype=svd_dtype)
     bias = getattr(dense, "bias", None)
@@ -224,8 +279,9 @@ def decompose_module(dense: nn.Module, name: str, a_shape, rank: int = 1, *, nor
         layer.bias.copy_(bias)
     approx = layer.weight if not isinstance(layer, KroneckerEmbedding) else layer.weight[: W.shape[0]]
     err = ((W.double() - approx.double()).norm() / W.double().norm().clamp_min(1e-30)).item()
+    output_error = None if statistics is None else _output_error(entry.kind, W, approx, statistics)
     report = ModuleReport(name, entry.kind, tuple(W.shape), tuple(layer.a_shape), tuple(layer.b_shape), rank,
-                          W.numel(), layer.A.numel() + layer.B.numel(), err)
+                          W.numel(), layer.A.numel() + layer.B.numel(), err, output_error, used)
     return layer, report
 
 
@@ -253,11 +309,74 @@ def _tied_head_name(model: nn.Module) -> Optional[str]:
     return _module_name(model, out)
 
 
+def plan_budget(targets: dict[str, nn.Module], budget: Union[int, float], *, fixed_params: int = 0,
+                max_rank: int = 1, damping: float = 0.01, statistics: Optional[dict[str, InputStatistics]] = None,
+                progress: bool = True) -> tuple[dict[str, dict], int]:
+    """``({name: {"kind", "shape", "a_shape", "rank"}}, parameters allowed for the targets)`` under ``budget``.
+
+    Each target's candidates (every split, ranks up to ``max_rank``) are scored by their relative
+    error, activation-weighted where ``statistics`` has the module, and :func:`.budget.solve_budget`
+    picks one per matrix. A float budget is a fraction of the targets' parameters; an int is the
+    whole model's parameter count, of which ``fixed_params`` (what is not a target's factors) come off first.
+    """
+    candidates, dense_params = {}, 0
+    for name in logging.tqdm(list(targets), desc="budget: scoring splits", disable=not progress):
+        module = targets[name]
+        entry = dispatch_for(module)
+        W = entry.weight(module).detach()
+        dense_params += W.numel()
+        stats = (statistics or {}).get(name)
+        if entry.kind == "embedding":
+            candidates[name] = embedding_candidates(W, max_rank, None if stats is None else stats.sum_xx, damping)
+        else:
+            candidates[name] = matrix_candidates(W, max_rank, None if stats is None else stats.covariance, damping)
+    if isinstance(budget, float):
+        allowed = int(budget * dense_params)
+    else:
+        allowed = budget - fixed_params
+        if allowed <= 0:
+            raise ValueError(f"budget={budget:,} parameters is below what stays dense ({fixed_params:,}): "
+                             "raise it, target more modules, or give a fraction such as budget=0.25")
+    chosen = solve_budget(candidates, allowed)
+    modules = {}
+    for name, c in chosen.items():
+        entry = dispatch_for(targets[name])
+        modules[name] = {"kind": entry.kind, "shape": list(entry.shape(targets[name])), "a_shape": list(c.a_shape),
+                         "rank": c.rank}
+    return modules, allowed
+
+
+def dense_params_of(targets: dict[str, nn.Module]) -> int:
+    """The weight parameters of ``targets`` (biases stay as they are)."""
+    return sum(dispatch_for(m).weight(m).numel() for m in targets.values())
+
+
+def calibrate(model: nn.Module, targets: dict[str, nn.Module], init: str, calibration_data,
+              calibration_samples: Optional[int], progress: bool = True) -> dict[str, InputStatistics]:
+    """The targets' :class:`InputStatistics` for ``init="activation"`` (``{}`` for the other inits);
+    one-line errors when data and init disagree. For the paper converters and ``kroneckerize``."""
+    _check_calibration(init, calibration_data)
+    if calibration_data is None:
+        return {}
+    return collect_statistics(model, targets, calibration_batches(calibration_data, calibration_samples),
+                              progress=progress)
+
+
+def _check_calibration(init: str, calibration_data) -> None:
+    if init == "activation" and calibration_data is None:
+        raise ValueError("init='activation' needs calibration_data=: a tensor of token ids or tokenised batches "
+                         "(text like the task's, not the evaluation text)")
+    if calibration_data is not None and init != "activation":
+        raise ValueError(f"calibration_data is used by init='activation' only (init is {init!r})")
+
+
 @torch.no_grad()
 def kroneckerize(
     model: nn.Module,
     config: KroneckerConfig,
     *,
+    calibration_data=None,
+    calibration_samples: Optional[int] = 128,
     progress: bool = True,
     svd_dtype: torch.dtype = torch.float64,
     num_threads: Optional[int] = 1,
@@ -266,19 +385,25 @@ def kroneckerize(
 
     Args:
         model: a Transformers model (any architecture) or any ``nn.Module``; not modified.
-        config: a :class:`KroneckerConfig` (targets, shapes or fraction, rank, init).
-        progress: show a progress bar over the converted modules.
+        config: a :class:`KroneckerConfig` (targets, shapes, fraction or budget, rank, init).
+        calibration_data: with ``config.init == "activation"``: token ids (a tensor ``(N, L)``) or
+            tokenised batches (dicts / ``BatchEncoding`` with ``input_ids`` and optionally
+            ``attention_mask``, whose padding positions are left out) run through ``model`` to
+            collect each target's input statistics (:mod:`.calibration`).
+        calibration_samples: use at most this many sequences of ``calibration_data`` (``None``: all).
+        progress: show progress bars over the converted modules.
         svd_dtype: precision of the decompositions.
-        num_threads: torch threads during the decompositions (restored after); ``None`` keeps the
-            current setting (tall, thin SVDs gain nothing from threads and stall when cores are shared).
+        num_threads: torch threads during the SVD decompositions (restored after); ``None`` keeps the
+            current setting (tall, thin SVDs gain nothing from threads and stall when cores are shared;
+            ``init="activation"`` keeps the current setting, its solves do gain).
 
     Returns:
         The student, in the teacher's dtype, device and train/eval mode, with
         ``student.config.quantization_config`` set to the resolved config (so that
         ``save_pretrained`` writes it and ``AutoModelFor<Task>.from_pretrained`` rebuilds the same
         layers) and ``student.compression_report`` (per matrix: shape, factors, parameters,
-        relative Frobenius error). A head tied to a compressed embedding is computed factored
-        (``tied_head="factored"``) or untied dense (``"dense"``).
+        relative Frobenius error and, with calibration data, relative output error). A head tied
+        to a compressed embedding is computed factored (``tied_head="factored"``) or untied dense (``"dense"``).
     """
     if not isinstance(config, KroneckerConfig):
         raise TypeError(f"config must be a KroneckerConfig, got {type(config).__name__}")
@@ -286,25 +411,53 @@ def kroneckerize(
     if existing is not None:
         method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
         raise ValueError(f"the model is already compressed ({method}); kroneckerize a dense model")
-    modules = resolve_modules(model, config)
-    resolved = replace(config, modules=modules)
+    targets = _targets(model, config)
     tied_name = _tied_head_name(model)
+    statistics = {}
+    if config.sequential:  # block by block below; the budget is planned on the teacher's statistics
+        _check_calibration(config.init, calibration_data)
+        batches = calibration_batches(calibration_data, calibration_samples)
+        if config.budget is not None:
+            statistics = collect_statistics(model, targets, batches, progress=progress)
+    else:
+        statistics = calibrate(model, targets, config.init, calibration_data, calibration_samples, progress)
+    report = CompressionReport()
+    if config.budget is not None:
+        embedding_targeted = any(dispatch_for(m).kind == "embedding" for m in targets.values())
+        untied = tied_name is not None and embedding_targeted and config.tied_head == "dense"
+        fixed = (count_parameters(model) - dense_params_of(targets)
+                 + (model.get_input_embeddings().weight.numel() if untied else 0))
+        modules, report.budget = plan_budget(targets, config.budget, fixed_params=fixed, max_rank=config.rank,
+                                             damping=config.damping, statistics=statistics, progress=progress)
+    else:
+        modules = {name: _resolve_entry(name, module, config) for name, module in targets.items()}
+    resolved = replace(config, modules=modules)
     embedding_name = next((n for n, s in modules.items() if s["kind"] == "embedding"), None)
     embedding_is_input = embedding_name is not None and model.get_input_embeddings() is model.get_submodule(embedding_name)
 
     student = _meta_copy(model)
-    report = CompressionReport()
     threads = torch.get_num_threads()
+    layers: dict[str, nn.Module] = {}
+    groups = calibration_groups(list(modules), layer_index) if config.sequential else [list(modules)]
+    bar = logging.tqdm(total=len(modules), desc="kroneckerize", disable=not progress)
     try:
-        if num_threads is not None:
+        if num_threads is not None and resolved.init != "activation":  # ALS's solves do gain from threads
             torch.set_num_threads(num_threads)
-        for name in logging.tqdm(list(modules), desc="kroneckerize", disable=not progress):
-            spec = modules[name]
-            new, row = decompose_module(model.get_submodule(name), name, spec["a_shape"], spec["rank"],
-                                        normalize=resolved.normalize, svd_dtype=svd_dtype, init=resolved.init)
-            replace_module(student, name, new)
-            report.modules.append(row)
+        for group in groups:
+            if config.sequential:  # this block sees what the compressed blocks before it output
+                statistics = collect_statistics(model, {n: targets[n] for n in group}, batches,
+                                                replacements={targets[n]: layers[n] for n in layers})
+            for name in group:
+                spec = modules[name]
+                new, row = decompose_module(model.get_submodule(name), name, spec["a_shape"], spec["rank"],
+                                            normalize=resolved.normalize, svd_dtype=svd_dtype, init=resolved.init,
+                                            statistics=statistics.get(name), damping=resolved.damping)
+                layers[name] = new
+                replace_module(student, name, new)
+                report.modules.append(row)
+                bar.update(1)
     finally:
+        bar.close()
         torch.set_num_threads(threads)
 
     if tied_name is not None and embedding_is_input:

@@ -30,6 +30,10 @@ class ModuleReport:
     params_before: int  # weight parameters only (biases are kept as they are)
     params_after: int
     rel_error: float  # ‖W − Σ A_r⊗B_r‖_F / ‖W‖_F
+    #: with calibration data: ‖(W − Σ A_r⊗B_r) X‖_F / ‖W X‖_F over the calibration inputs
+    #: (embedding: rows weighted by token frequency)
+    output_error: Optional[float] = None
+    init: str = "svd"
 
     @property
     def ratio(self) -> float:
@@ -43,6 +47,8 @@ class CompressionReport:
     modules: list[ModuleReport] = field(default_factory=list)
     total_params_before: int = 0
     total_params_after: int = 0
+    #: with ``KroneckerConfig(budget=...)``: the parameters allowed for the targeted matrices' factors
+    budget: Optional[int] = None
 
     @property
     def compression(self) -> float:
@@ -54,6 +60,7 @@ class CompressionReport:
             "total_params_before": self.total_params_before,
             "total_params_after": self.total_params_after,
             "compression": self.compression,
+            "budget": self.budget,
         }
 
     def to_json(self, path: str) -> None:
@@ -61,20 +68,26 @@ class CompressionReport:
             json.dump(self.to_dict(), f, indent=2)
 
     def to_markdown(self) -> str:
+        calibrated = any(m.output_error is not None for m in self.modules)
+        extra = " init | output error |" if calibrated else ""
         lines = [
-            "| module | shape | A | B | rank | params before | params after | ratio | rel. error |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| module | shape | A | B | rank | params before | params after | ratio | rel. error |" + extra,
+            "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if calibrated else ""),
         ]
         for m in self.modules:
             fmt = lambda s: "-" if s is None else f"{s[0]}×{s[1]}"  # noqa: E731
-            lines.append(
-                f"| {m.name} | {fmt(m.shape)} | {fmt(m.a_shape)} | {fmt(m.b_shape)} | {m.rank} | "
-                f"{m.params_before:,} | {m.params_after:,} | {m.ratio:.1f}x | {m.rel_error:.3f} |"
-            )
+            row = (f"| {m.name} | {fmt(m.shape)} | {fmt(m.a_shape)} | {fmt(m.b_shape)} | {m.rank} | "
+                   f"{m.params_before:,} | {m.params_after:,} | {m.ratio:.1f}x | {m.rel_error:.3f} |")
+            if calibrated:
+                row += f" {m.init} | {'-' if m.output_error is None else f'{m.output_error:.3f}'} |"
+            lines.append(row)
         lines.append(
             f"\nTotal parameters: {self.total_params_before:,} → {self.total_params_after:,} "
             f"({self.compression:.2f}x smaller)"
         )
+        if self.budget is not None:
+            used = sum(m.params_after for m in self.modules if m.kind != "dense")
+            lines.append(f"Budget for the targeted matrices: {self.budget:,} parameters, {used:,} used")
         return "\n".join(lines)
 
 

@@ -37,7 +37,8 @@ from transformers.utils import logging
 from .configuration_kngpt2 import KNGPT2_LAYER_MODULES, KnGPT2Config
 from ..architectures import PAPER_PRESETS
 from ...core.report import CompressionReport, ModuleReport, check_layer_indices, count_parameters
-from ...core.kroneckerize import decompose_module
+from ...core.config import KroneckerConfig
+from ...core.kroneckerize import calibrate, decompose_module, dense_params_of, plan_budget
 from ...core.factor_search import choose_kronecker_factors
 from ..loading import load_teacher
 from .modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel
@@ -188,6 +189,11 @@ def kngpt2_from_gpt2(
     normalize: bool = False,
     *,
     tokenizer=None,
+    init: str = "svd",
+    calibration_data=None,
+    calibration_samples: Optional[int] = 128,
+    budget: Union[int, float, None] = None,
+    damping: float = 0.01,
     svd_dtype: torch.dtype = torch.float64,
     progress: bool = True,
     return_report: bool = False,
@@ -206,6 +212,12 @@ def kngpt2_from_gpt2(
         normalize: rescale each factor pair so that ``‖Σ A_r⊗B_r‖_F = ‖W‖_F`` (Krony-PT).
         tokenizer: optional; ``len(tokenizer)`` larger than the teacher's vocabulary is an error
             (ids would index past the embedding).
+        init: ``"svd"`` (the paper's nearest Kronecker product) or ``"activation"`` (minimise each
+            matrix's output error on ``calibration_data``; see :class:`~kn_transformers.KroneckerConfig`).
+        calibration_data, calibration_samples, damping: as :func:`~kn_transformers.kroneckerize`.
+        budget: choose every selected matrix's ``(a_shape, rank ≤ rank override)`` under a global
+            parameter budget (an int: the student's total; a float: a fraction of the selected
+            matrices' parameters) instead of the preset's or ``target_fraction``'s shapes.
         svd_dtype: precision of the decompositions.
         progress: show a progress bar over the layers.
         return_report: return ``(model, report)`` instead of ``model``.
@@ -234,7 +246,22 @@ def kngpt2_from_gpt2(
             )
         if n_tok < vocab:
             logger.warning(f"tokenizer has {n_tok} tokens, the teacher's vocabulary {vocab} rows (padded vocabulary?)")
+    if init not in ("svd", "activation"):
+        raise ValueError(f"init must be 'svd' or 'activation', got {init!r}")
     config = kngpt2_config_from_gpt2(tconf, preset, target_fraction, normalize, **overrides)
+    t_model = teacher_lm.transformer
+    targets = {name: t_model.get_submodule(name) for name in config.kronecker_factors or {}}
+    statistics = calibrate(teacher_lm, targets, init, calibration_data, calibration_samples, progress)
+    allowed = None
+    if budget is not None:
+        KroneckerConfig(budget=budget)  # the one validator of budget values
+        untied = tconf.tie_word_embeddings and not config.tie_word_embeddings and "wte" in targets
+        fixed = count_parameters(teacher_lm) - dense_params_of(targets) + (tconf.vocab_size * tconf.n_embd if untied else 0)
+        planned, allowed = plan_budget(targets, budget, fixed_params=fixed, max_rank=overrides.get("rank", 1),
+                                       damping=damping, statistics=statistics, progress=progress)
+        config = kngpt2_config_from_gpt2(
+            tconf, None, None, normalize, tie_word_embeddings=config.tie_word_embeddings,
+            kronecker_factors={n: {"a_shape": e["a_shape"], "rank": e["rank"]} for n, e in planned.items()})
     student_cls = (KnGPT2ForSequenceClassification if isinstance(teacher_lm, GPT2ForSequenceClassification)
                    else KnGPT2LMHeadModel)
     config.architectures = [student_cls.__name__]
@@ -244,14 +271,14 @@ def kngpt2_from_gpt2(
 
     teacher_state = teacher_lm.state_dict()
     state: dict[str, torch.Tensor] = {}
-    report = CompressionReport()
+    report = CompressionReport(budget=allowed)
     factors = config.kronecker_factors or {}
-    t_model = teacher_lm.transformer
 
     def add_kronecker(name: str, module: nn.Module) -> None:
         spec = factors[name]
         new, rep = decompose_module(
-            module, name, tuple(spec["a_shape"]), spec["rank"], normalize=normalize, svd_dtype=svd_dtype
+            module, name, tuple(spec["a_shape"]), spec["rank"], normalize=normalize, svd_dtype=svd_dtype,
+            init=init, statistics=statistics.get(name), damping=damping,
         )
         for key, value in new.state_dict().items():
             state[f"transformer.{name}.{key}"] = value
@@ -295,6 +322,8 @@ def kngpt2_from_gpt2(
 
     report.total_params_before = count_parameters(teacher_lm)
     report.total_params_after = count_parameters(student)
+    if isinstance(budget, int) and report.total_params_after > budget:
+        raise RuntimeError(f"the student has {report.total_params_after:,} parameters, over the budget of {budget:,}")
     logger.info("KnGPT2 conversion report\n" + report.to_markdown())
     student.compression_report = report
     return (student, report) if return_report else student

@@ -32,7 +32,7 @@ from transformers import (
 from ..architectures import BERT_LAYOUT, PAPER_PRESETS
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
 from ...core.config import KroneckerConfig
-from ...core.kroneckerize import _base_prefix, decompose_module, kroneckerize
+from ...core.kroneckerize import _base_prefix, calibrate, decompose_module, dense_params_of, kroneckerize, plan_budget
 from ...core.report import CompressionReport, check_layer_indices, count_parameters
 from ...core.dispatch import replace_module
 from ...core.factor_search import choose_embedding_factors, choose_kronecker_factors
@@ -292,7 +292,7 @@ def _load_teacher(teacher) -> PreTrainedModel:
 
 
 def _from_bert_layout(teacher: PreTrainedModel, preset, target_fraction, normalize, head, progress, svd_dtype,
-                      num_threads, overrides) -> PreTrainedModel:
+                      num_threads, overrides, calibration) -> PreTrainedModel:
     """A RoBERTa/ELECTRA-shaped teacher: the preset's factor map, translated to the teacher's module
     names, applied by ``kroneckerize`` (the student keeps the teacher's class and loads with
     ``AutoModel*.from_pretrained``)."""
@@ -322,13 +322,17 @@ def _from_bert_layout(teacher: PreTrainedModel, preset, target_fraction, normali
         factors[WORD_EMBEDDINGS] = {"a_shape": a_shape, "rank": rank}
     prefix = _base_prefix(teacher)
     full = {name: f"{prefix}.{name}" if prefix else name for name in factors}
+    budget = calibration["budget"]
+    shapes = {} if budget is not None else {
+        "shape_pattern": {re.escape(full[n]): spec["a_shape"] for n, spec in factors.items()},
+        "rank_pattern": {re.escape(full[n]): spec["rank"] for n, spec in factors.items()}}
     config = KroneckerConfig(
         target_modules=[full[n] for n in factors if n != WORD_EMBEDDINGS] or None,
-        embedding=WORD_EMBEDDINGS in factors, normalize=normalize,
-        shape_pattern={re.escape(full[n]): spec["a_shape"] for n, spec in factors.items()},
-        rank_pattern={re.escape(full[n]): spec["rank"] for n, spec in factors.items()},
-    )
-    return kroneckerize(teacher, config, progress=progress, svd_dtype=svd_dtype, num_threads=num_threads)
+        embedding=WORD_EMBEDDINGS in factors, normalize=normalize, init=calibration["init"],
+        damping=calibration["damping"], budget=budget, rank=overrides.get("rank", 1), **shapes)
+    return kroneckerize(teacher, config, calibration_data=calibration["calibration_data"],
+                        calibration_samples=calibration["calibration_samples"], progress=progress,
+                        svd_dtype=svd_dtype, num_threads=num_threads)
 
 
 def _resolve_head(teacher: PreTrainedModel, head) -> str:
@@ -355,6 +359,11 @@ def kronecker_bert_from_bert(
     head: Optional[str] = None,
     *,
     return_report: bool = False,
+    init: str = "svd",
+    calibration_data=None,
+    calibration_samples: Optional[int] = 128,
+    budget: Union[int, float, None] = None,
+    damping: float = 0.01,
     progress: bool = True,
     svd_dtype: torch.dtype = torch.float64,
     num_threads: Optional[int] = 1,
@@ -379,6 +388,12 @@ def kronecker_bert_from_bert(
             ``BertForSequenceClassification`` → :class:`KroneckerBertForSequenceClassification`, …);
             or one of :data:`HEADS` (weights the teacher lacks are initialised, with a warning).
         return_report: also return the :class:`CompressionReport`.
+        init: ``"svd"`` (the paper's nearest Kronecker product) or ``"activation"`` (minimise each
+            matrix's output error on ``calibration_data``; see :class:`~kn_transformers.KroneckerConfig`).
+        calibration_data, calibration_samples, damping: as :func:`~kn_transformers.kroneckerize`.
+        budget: choose every selected matrix's ``(a_shape, rank ≤ rank override)`` under a global
+            parameter budget (an int: the student's total; a float: a fraction of the selected
+            matrices' parameters) instead of the preset's or ``target_fraction``'s shapes.
         progress: show a tqdm bar over the encoder layers.
         svd_dtype: precision of the decompositions.
         num_threads: torch threads during the decompositions (restored afterwards); ``None`` keeps
@@ -404,27 +419,46 @@ def kronecker_bert_from_bert(
             f"unknown preset {preset!r}; valid presets: {', '.join(map(repr, PRESETS))} "
             f"(or pass target_fraction=... or kronecker_factors=...)"
         )
+    if init not in ("svd", "activation"):
+        raise ValueError(f"init must be 'svd' or 'activation', got {init!r}")
+    if budget is not None:
+        KroneckerConfig(budget=budget)  # the one validator of budget values
+    calibration = {"init": init, "calibration_data": calibration_data, "calibration_samples": calibration_samples,
+                   "budget": budget, "damping": damping}
     teacher = _load_teacher(teacher)
     if teacher.config.model_type != "bert":
         student = _from_bert_layout(teacher, preset, target_fraction, normalize, head, progress, svd_dtype,
-                                    num_threads, overrides)
+                                    num_threads, overrides, calibration)
         return (student, student.compression_report) if return_report else student
     head = _resolve_head(teacher, head)
     config = kronecker_bert_config(teacher.config, preset, target_fraction, **overrides)
+    t_base = teacher.base_model
+    targets = {name: t_base.get_submodule(name) for name in config.kronecker_factors}
+    statistics = calibrate(teacher, targets, init, calibration_data, calibration_samples, progress)
+    allowed = None
+    if budget is not None:
+        fixed = count_parameters(teacher) - dense_params_of(targets)
+        planned, allowed = plan_budget(targets, budget, fixed_params=fixed,
+                                       max_rank=overrides.get("rank", 1), damping=damping,
+                                       statistics=statistics, progress=progress)
+        config = kronecker_bert_config(teacher.config, preset, target_fraction, **{
+            **overrides, "kronecker_factors": {n: {"a_shape": e["a_shape"], "rank": e["rank"]}
+                                               for n, e in planned.items()}})
     student_cls = HEADS[head][1]
     ref = next(teacher.parameters())
     student = student_cls(config).to(device=ref.device, dtype=ref.dtype)
     if teacher.config._attn_implementation in ("eager", "sdpa"):
         student.set_attn_implementation(teacher.config._attn_implementation)
 
-    t_base, s_base = teacher.base_model, student.base_model
-    report = CompressionReport()
+    s_base = student.base_model
+    report = CompressionReport(budget=allowed)
     done = set()  # student state-dict keys written by a decomposition
 
     def convert(name):
         a_shape, rank = config.kronecker_spec(name)
         dense = t_base.get_submodule(name)
-        new, module_report = decompose_module(dense, name, a_shape, rank=rank, normalize=normalize, svd_dtype=svd_dtype)
+        new, module_report = decompose_module(dense, name, a_shape, rank=rank, normalize=normalize, svd_dtype=svd_dtype,
+                                              init=init, statistics=statistics.get(name), damping=damping)
         replace_module(s_base, name, new)
         report.modules.append(module_report)
         done.update(f"{name}.{k}" for k in new.state_dict())
@@ -474,6 +508,8 @@ def kronecker_bert_from_bert(
     student.train(teacher.training)
     report.total_params_before = count_parameters(teacher)
     report.total_params_after = count_parameters(student)
+    if isinstance(budget, int) and report.total_params_after > budget:
+        raise RuntimeError(f"the student has {report.total_params_after:,} parameters, over the budget of {budget:,}")
     logger.info("KroneckerBERT conversion (%s):\n%s", config.kronecker_preset or "custom", report.to_markdown())
     student.compression_report = report
     return (student, report) if return_report else student
