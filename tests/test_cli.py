@@ -53,3 +53,53 @@ def test_report_decomposes_the_real_minilm_teacher_by_default(tmp_path, capsys):
     assert 3.5 < report["compression"] < 4.5
     # a real pretrained matrix is far from Kronecker at a quarter of its parameters
     assert all(0.3 < m["rel_error"] < 1 for m in linears)
+
+
+@pytest.fixture
+def gpt2_with_tokenizer(tmp_path, shared_data):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(tok), n_positions=32))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    lines = [ln.strip() for ln in open(shared_data / "wikitext-2" / "valid.txt") if len(ln.strip()) > 40][:40]
+    (tmp_path / "calib.txt").write_text("\n".join(lines))
+    return tmp_path
+
+
+def test_compress_calibrates_sequentially_and_under_a_budget(gpt2_with_tokenizer, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import kn_transformers  # noqa: F401
+
+    root = gpt2_with_tokenizer
+    calib = str(root / "calib.txt")
+    assert main(["compress", str(root / "m"), "--output_dir", str(root / "a"), "--fraction", "0.25",
+                 "--calibration_file", calib, "--calibration_samples", "8", "--max_length", "32", "--sequential"]) == 0
+    report = json.loads((root / "a" / "compression_report.json").read_text())
+    assert all(m["init"] == "activation" and m["output_error"] is not None for m in report["modules"])
+    loaded = AutoModelForCausalLM.from_pretrained(root / "a")
+    assert loaded.config.quantization_config.sequential is True
+    # a budget through the paper converter (a GPT-2 teacher: the preset also factors the 50k-row
+    # embedding and unties the head), as a fraction of the matrices it factors; never exceeded
+    assert main(["compress", str(root / "m"), "--output_dir", str(root / "b"), "--budget", "0.5",
+                 "--rank", "2", "--calibration_file", calib, "--calibration_samples", "8"]) == 0
+    report = json.loads((root / "b" / "compression_report.json").read_text())
+    factored = [m for m in report["modules"] if m["rank"] > 0]  # the untied head is listed, dense
+    assert report["budget"] == int(0.5 * sum(m["params_before"] for m in factored))
+    assert sum(m["params_after"] for m in factored) <= report["budget"]
+    assert "Budget for the targeted matrices" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--init", "activation"], "needs --calibration_file"),
+    (["--calibration_file", "missing.txt"], "does not exist"),
+    (["--calibration_file", "CALIB", "--init", "svd"], "--init activation only"),
+])
+def test_compress_refuses_inconsistent_calibration_flags(gpt2_with_tokenizer, flags, match, capsys):
+    root = gpt2_with_tokenizer
+    flags = [str(root / "calib.txt") if f == "CALIB" else f for f in flags]
+    assert main(["compress", str(root / "m"), "--output_dir", str(root / "x"), "--fraction", "0.25", *flags]) == 2
+    assert match in capsys.readouterr().err

@@ -221,8 +221,13 @@ def _cmd_compress(args) -> int:
         raise ValueError("--calibration_file is used by --init activation only")
     calibration = None
     if args.calibration_file:
+        from transformers import AutoConfig
+
+        # never longer than the teacher's position table (a GPT-2 with n_positions=64 cannot read 128 tokens)
+        positions = getattr(AutoConfig.from_pretrained(args.teacher), "max_position_embeddings", None)
+        max_length = min(args.max_length, positions) if positions else args.max_length
         calibration = read_calibration_file(args.calibration_file, AutoTokenizer.from_pretrained(args.teacher),
-                                            args.calibration_samples, args.max_length)
+                                            args.calibration_samples, max_length)
     init_options = {"init": init, "calibration_data": calibration, "calibration_samples": args.calibration_samples,
                     "budget": args.budget}
     if generic or (args.budget is not None and args.preset is None and args.target_fraction is None
@@ -409,7 +414,7 @@ def _main(argv: list) -> int:
     p.add_argument("--calibration_file", default=None,
                    help="text for --init activation: one text per line, or JSON lines with text/sentence fields")
     p.add_argument("--calibration_samples", type=int, default=128, help="texts of --calibration_file to use")
-    p.add_argument("--max_length", type=int, default=128, help="tokens per calibration text")
+    p.add_argument("--max_length", type=int, default=128, help="tokens per calibration text (at most the teacher's positions)")
     p.add_argument("--sequential", action="store_true",
                    help="with --init activation: calibrate each block on the compressed blocks' outputs")
     p.add_argument("--head", default=None,

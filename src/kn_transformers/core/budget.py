@@ -51,11 +51,16 @@ def _tail_errors(R: torch.Tensor, max_rank: int) -> list[float]:
     return ((total - head).clamp_min(0) / total).tolist()
 
 
+#: With a covariance, a candidate must keep ALS's normal equations (``rank·n1`` and ``rank·n2``
+#: unknowns) at most this size, unless ``n1`` or ``n2`` is 1 (then the fit is closed-form).
+MAX_NORMAL_SIZE = 2048
+
+
 def matrix_candidates(weight: torch.Tensor, max_rank: int = 1, covariance: Optional[torch.Tensor] = None,
                       damping: float = 0.01) -> list[Candidate]:
     """Every non-trivial ``(a_shape, rank ≤ max_rank)`` of an ``(out, in)`` weight with fewer parameters
     than the dense matrix, with its squared relative error (activation-weighted when ``covariance``
-    ``(in, in)`` is given)."""
+    ``(in, in)`` is given; then only ranks whose fit stays within :data:`MAX_NORMAL_SIZE`)."""
     W = weight.detach().double()
     m, n = W.shape
     out: list[Candidate] = []
@@ -72,6 +77,8 @@ def matrix_candidates(weight: torch.Tensor, max_rank: int = 1, covariance: Optio
             if m1 * n1 == 1 or m2 * n2 == 1:
                 continue
             top = min(max_rank, m1 * n1, m2 * n2)
+            if covariance is not None and n1 > 1 and n2 > 1:
+                top = min(top, MAX_NORMAL_SIZE // max(n1, n2))
             if min(top, (m * n - 1) // (m1 * n1 + m2 * n2)) < 1:
                 continue
             errors = _tail_errors(_rearrange(Wt, m1, n1, m2, n2), top)

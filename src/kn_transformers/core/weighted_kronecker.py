@@ -158,7 +158,9 @@ def weighted_nearest_kronecker(
 
     Started (``start="best"``) from the better, on that objective, of the plain nearest Kronecker
     product (``"svd"``) and :func:`kronecker_whitened` (``"whitened"``); stops when an iteration lowers the objective by less than ``tol``
-    (relative) or after ``max_iter`` iterations. Deterministic. Returns the factors in ``W.dtype``
+    (relative) or after ``max_iter`` iterations; when ``n1`` or ``n2`` is 1 (``C`` trivially a
+    Kronecker product, e.g. the outer-product split that is plain low rank) the closed form is
+    returned as it is. Deterministic. Returns the factors in ``W.dtype``
     and a :class:`WeightedFit`.
     """
     m, n = W.shape
@@ -186,6 +188,9 @@ def weighted_nearest_kronecker(
     start = min(scored, key=lambda k: (scored[k], k != "svd"))
     A, B = (t.to(dtype) for t in starts[start])
     err = start_err = scored[start]
+    if start == "whitened" and (n1 == 1 or n2 == 1):
+        # C is trivially C₁⊗C₂ (one factor is 1×1): the whitened closed form is the optimum already
+        return A.to(W.dtype).contiguous(), B.to(W.dtype).contiguous(), WeightedFit(start, 0, start_err, start_err)
     eye_a = torch.eye(rank * n1, dtype=dtype)
     eye_b = torch.eye(rank * n2, dtype=dtype)
     it = 0
