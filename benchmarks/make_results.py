@@ -676,6 +676,145 @@ def scale_section(d: Optional[dict]) -> list[str]:
                   f"{_verdict(d['measured_peak_bytes'] < 24 * 2 ** 30)} |", ""]
 
 
+INIT_LABEL = {"svd": "(a) Kronecker, papers' SVD init, uniform splits",
+              "activation": "(b) Kronecker, activation-aware, uniform splits",
+              "activation+budget": "(c) Kronecker, activation-aware, global budget",
+              "low-rank": "(d) low-rank U·V, SVD",
+              "low-rank+activation": "(e) low-rank U·V, activation-aware (whitened SVD)"}
+
+
+def init_chart(d: dict, path: str) -> Optional[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    models = [m for m in ("gpt2", "minilm") if d.get("models", {}).get(m, {}).get("runs")]
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.3), squeeze=False)
+    colors = {"svd": "#4C72B0", "activation": "#DD8452", "activation+budget": "#C44E52", "low-rank": "#55A868",
+              "low-rank+activation": "#8172B3"}
+    for ax, name in zip(axes[0], models):
+        m = d["models"][name]
+        for method in INIT_LABEL:
+            runs = sorted((r for r in m["runs"] if r["method"] == method), key=lambda r: r["fraction"])
+            if not runs:
+                continue
+            xs = [r["fraction"] for r in runs]
+            ax.plot(xs, [r["at_conversion"] for r in runs], marker="o", color=colors[method], ls=":",
+                    label=f"{method}, at conversion")
+            ax.plot(xs, [r["after_ilkd"] for r in runs], marker="s", color=colors[method],
+                    label=f"{method}, after {d['budgets']['ilkd_steps']} ILKD steps")
+        ax.axhline(m["teacher_score"], color="black", ls="--", lw=1, label="teacher")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["fraction"] for r in m["runs"]}))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticklabels([f"{f:.0%}" for f in sorted({r["fraction"] for r in m["runs"]})])
+        ax.set_xlabel("parameters kept in the targeted matrices")
+        if name == "gpt2":
+            ax.set_yscale("log")
+            ax.set_ylabel("held-out perplexity (log; lower is better)")
+        else:
+            ax.set_ylabel("SST-2 dev accuracy")
+        ax.set_title(m["teacher"], fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def init_section(d: Optional[dict], chart: Optional[str]) -> list[str]:
+    out = ["## Initialisation: the papers' SVD, activation-aware, a global budget, and low-rank at equal size", ""]
+    if not d:
+        return out + ["Not run yet: `HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_init.py --threads 2`.", ""]
+    b, env = d["budgets"], d["environment"]
+    out += [f"`{d['command']}` ({fmt_s(d.get('wall_seconds'))}, {env.get('cpu', '?')}, torch threads "
+            f"{env['threads']}, {env['date']}{'' if d.get('complete') else ', **incomplete**'}). Every linear of the "
+            f"base model targeted (embedding and heads dense); calibration on {b['calibration_samples']} training "
+            f"sequences the metric never sees; ILKD: {b['ilkd_steps']} steps, batch {b['ilkd_batch_size']}, lr "
+            f"{b['ilkd_lr']}, `distill_preset=\"kngpt2\"`, the same for every method; budget ranks up to "
+            f"{b['max_rank']}; one seed ({b['seed']}).", ""]
+    if chart:
+        out += [f"![init study]({rel(chart)})", ""]
+    for name in ("gpt2", "minilm"):
+        m = d.get("models", {}).get(name)
+        if not m or not m.get("runs"):
+            continue
+        fractions = sorted({r["fraction"] for r in m["runs"]}, reverse=True)
+        out += [f"**{m['teacher']}** — {m['metric']}; teacher {m['teacher_score']:.4f}; "
+                f"{m['targeted_matrices']} matrices, {m['targeted_params']:,} parameters targeted.", "",
+                "| method | " + " | ".join(f"{f:.0%}: at conversion | {f:.0%}: after ILKD" for f in fractions) + " |",
+                "|---|" + "---|---|" * len(fractions)]
+        for method, label in INIT_LABEL.items():
+            cells = []
+            for f in fractions:
+                r = next((r for r in m["runs"] if r["method"] == method and r["fraction"] == f), None)
+                cells += ["-", "-"] if r is None else [f"{r['at_conversion']:.4g} (kept {r['kept_fraction']:.3f})",
+                                                       f"{r['after_ilkd']:.4g}"]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+        out += init_reading(name, m)
+    return out
+
+
+def outer_product_share(run: Optional[dict]) -> Optional[tuple[int, int, float]]:
+    """``(matrices, of matrices, share of parameters)`` a budget run put on outer-product splits:
+    ``A m1×n1 ⊗ B m2×n2`` with ``m1 = n2 = 1`` or ``n1 = m2 = 1`` is a rank-``r`` matrix ``U·V``."""
+    choices = [c for c in (run or {}).get("choices", []) if c.get("b_shape") and c.get("params")]
+    if not choices:
+        return None
+    outer = [c for c in choices if (c["a_shape"][0] == 1 and c["b_shape"][1] == 1)
+             or (c["a_shape"][1] == 1 and c["b_shape"][0] == 1)]
+    return len(outer), len(choices), sum(c["params"] for c in outer) / sum(c["params"] for c in choices)
+
+
+def init_reading(name: str, m: dict) -> list[str]:
+    """The issue's targets and which structure wins, in sentences chosen from the numbers."""
+    runs = {(r["method"], r["fraction"]): r for r in m["runs"]}
+    t = m["teacher_score"]
+    lower = name == "gpt2"  # perplexity: lower is better
+    better = (lambda x, y: x < y) if lower else (lambda x, y: x > y)
+    out = []
+    a, c = runs.get(("svd", 0.25)), runs.get(("activation+budget", 0.25))
+    if lower and a and c:
+        ex_a, ex_c = a["at_conversion"] - t, c["at_conversion"] - t
+        ok = ex_c <= 0.5 * ex_a
+        out.append(f"- Target (excess perplexity of (c) at most half of (a)'s at 25%, right after conversion): "
+                   f"{ex_c:.1f} vs {ex_a:.1f} ({ex_c / ex_a:.2f}x): **{'met' if ok else 'not met'}**; after ILKD "
+                   f"{c['after_ilkd']:.1f} vs {a['after_ilkd']:.1f}: (c) "
+                   f"{'still ahead' if c['after_ilkd'] < a['after_ilkd'] else 'not ahead'}.")
+    for f in sorted({r["fraction"] for r in m["runs"]}, reverse=True):
+        share = outer_product_share(runs.get(("activation+budget", f)))
+        if share is not None:
+            out.append(f"- {f:.0%}: the budget put {share[0]} of {share[1]} matrices ({share[2]:.0%} of its parameters) "
+                       "on an outer-product split (`A m×1 ⊗ B 1×n`: plain low rank), the rest on true Kronecker splits.")
+        best_k = min((runs[(k, f)] for k in ("svd", "activation", "activation+budget") if (k, f) in runs),
+                     key=lambda r: r["after_ilkd"] if lower else -r["after_ilkd"], default=None)
+        best_l = min((runs[(k, f)] for k in ("low-rank", "low-rank+activation") if (k, f) in runs),
+                     key=lambda r: r["after_ilkd"] if lower else -r["after_ilkd"], default=None)
+        if best_k and best_l:
+            x, y = best_k["after_ilkd"], best_l["after_ilkd"]
+            if lower:  # one seed: call a perplexity gap under 1% level
+                level, gap = abs(x - y) < 0.01 * min(x, y), f"{abs(x - y) / min(x, y):.1%}"
+            else:  # dev accuracy: two binomial standard errors of the difference
+                n = m.get("dev_rows") or 872
+                p = (x + y) / 2
+                level, gap = abs(x - y) < 2 * (2 * p * (1 - p) / n) ** 0.5, f"{abs(x - y):.4f}"
+            verdict = "level (within one seed's noise)" if level else (
+                "the Kronecker family ahead" if better(x, y) else "pure low-rank ahead")
+            b, e = runs.get(("activation", f)), runs.get(("low-rank+activation", f))
+            if b and e:
+                out.append(f"- {f:.0%}, after ILKD, one structure everywhere at the same data-aware objective: "
+                           f"Kronecker (b) {b['after_ilkd']:.4g}, low-rank (e) {e['after_ilkd']:.4g}: "
+                           f"**{'Kronecker' if better(b['after_ilkd'], e['after_ilkd']) else 'low-rank'} ahead**.")
+            out.append(f"- {f:.0%}, after ILKD: best of (a)–(c) `{best_k['method']}` {x:.4g}, best pure low-rank "
+                       f"`{best_l['method']}` {y:.4g} (gap {gap}): **{verdict}**.")
+    return out + [""]
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     _DOC_DIR[0] = os.path.dirname(os.path.abspath(args.output))
@@ -706,6 +845,9 @@ def main(argv=None) -> str:
     else:
         doc += ablation_section(None, None)
     doc += kngpt2_section(lm, lm_chart)
+    init = load(os.path.join(args.results_dir, "init_study.json"))
+    init_png = init_chart(init, os.path.join(args.results_dir, "init_study.png")) if init else None
+    doc += init_section(init, init_png)
     reading = []
     for n, a in abls:
         r = ablation_reading(a)
@@ -727,7 +869,7 @@ def main(argv=None) -> str:
         f.write(text)
     if os.path.abspath(args.results_dir) == os.path.abspath(RESULTS):
         update_readme(os.path.join(ROOT, "benchmarks", "README.md"), abls, lm)
-    print(f"wrote {args.output}" + "".join(f", {p}" for p in list(charts.values()) + [lm_chart] if p))
+    print(f"wrote {args.output}" + "".join(f", {p}" for p in list(charts.values()) + [lm_chart, init_png] if p))
     return text
 
 

@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=["gpt2", "minilm"], choices=["gpt2", "minilm"])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.1, 0.05])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--max_rank", type=int, default=8, help="largest rank the budget may choose")
+    p.add_argument("--max_rank", type=int, default=64,
+                   help="largest rank the budget may choose (high enough for its low-rank splits)")
     p.add_argument("--calibration_samples", type=int, default=128)
     p.add_argument("--ilkd_steps", type=int, default=60)
     p.add_argument("--ilkd_lr", type=float, default=2e-4)
@@ -251,8 +252,9 @@ def main(argv=None):
                            "convert_seconds": convert_s, "ilkd_seconds": ilkd_s}
                     report = getattr(student, "compression_report", None)
                     if report is not None:
-                        run["choices"] = [{"name": m.name, "a_shape": m.a_shape, "rank": m.rank,
-                                           "output_error": m.output_error} for m in report.modules]
+                        run["choices"] = [{"name": m.name, "shape": m.shape, "a_shape": m.a_shape, "b_shape": m.b_shape,
+                                           "rank": m.rank, "params": m.params_after, "output_error": m.output_error}
+                                          for m in report.modules]
                     entry["runs"].append(run)
                     log(f"[{model_name}] {fraction:.0%} {method}: kept {kept:.3f}, {at_conversion:.4f} -> "
                         f"{after:.4f} after {args.ilkd_steps} ILKD steps ({convert_s:.0f} s + {ilkd_s:.0f} s)")
