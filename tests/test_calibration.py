@@ -51,6 +51,21 @@ def test_closed_form_is_the_exact_optimum_when_the_covariance_is_kronecker(rank)
     assert plain > optimum * 1.05  # the data make the weighting matter
 
 
+@pytest.mark.parametrize("a_shape", [(12, 1), (1, 10)])
+def test_outer_product_split_is_the_whitened_low_rank_optimum_on_general_data(a_shape):
+    # A m×1 ⊗ B 1×n (or A 1×n ⊗ B m×1) is a rank-r matrix U·V: the whitened closed form is exact
+    # for any covariance (Eckart–Young on W·L), which is what the budget relies on for its low-rank splits
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    C = _covariance(10, 25, 3, torch.linspace(0.1, 4.0, 10, dtype=torch.float64))
+    for rank in (1, 3):
+        A, B, fit = weighted_nearest_kronecker(W, a_shape, rank, C, damping=0.0)
+        s2 = torch.linalg.svdvals(W @ torch.linalg.cholesky(C)) ** 2
+        optimum = float(s2[rank:].sum() / s2.sum())
+        assert fit.start == "whitened" and weighted_error(W, A, B, C) == pytest.approx(optimum, rel=1e-8)
+        assert weighted_error(W, *nearest_kronecker(W, a_shape, rank), C) > optimum * 1.05
+
+
 @pytest.mark.parametrize("seed,shape,a_shape,rank", [(0, (12, 18), (3, 6), 1), (1, (12, 18), (4, 3), 2),
                                                      (2, (16, 16), (4, 4), 3), (3, (20, 8), (10, 2), 1)])
 def test_als_never_does_worse_than_the_plain_svd_on_general_data(seed, shape, a_shape, rank):
