@@ -313,3 +313,44 @@ def test_kroneckerize_int_budget_is_the_whole_model_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded(ids[:2]).logits, student(ids[:2]).logits, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="below what stays dense"):
         kroneckerize(teacher, KroneckerConfig(budget=1000, embedding=True), progress=False)
+
+
+# ---------------------------------------------------------------------------- paper converters
+
+
+def test_paper_converters_take_activation_init_and_a_budget():
+    from kn_transformers import kngpt2_from_gpt2, kronecker_bert_from_bert
+    from kn_transformers.core.weighted_kronecker import damped
+
+    teacher = _tiny_bert()
+    ids = torch.randint(1, 64, (24, 10), generator=torch.Generator().manual_seed(2))
+    plain = kronecker_bert_from_bert(teacher, preset="kroneckerbert8", progress=False)
+    aware = kronecker_bert_from_bert(teacher, preset="kroneckerbert8", init="activation", calibration_data=ids,
+                                     progress=False)
+    assert all(r.init == "activation" and r.output_error is not None for r in aware.compression_report.modules)
+    # per matrix, on the calibration inputs (damped as the fit is), never worse than the paper's SVD
+    names = [n for n in aware.config.kronecker_factors if "embeddings" not in n]
+    stats = collect_statistics(teacher, {n: teacher.bert.get_submodule(n) for n in names}, [{"input_ids": ids}])
+    better = 0
+    for n in names:
+        C = damped(stats[n].covariance, 0.01)
+        W = teacher.bert.get_submodule(n).weight
+        e_aware = weighted_error(W, aware.bert.get_submodule(n).A, aware.bert.get_submodule(n).B, C)
+        e_plain = weighted_error(W, plain.bert.get_submodule(n).A, plain.bert.get_submodule(n).B, C)
+        assert e_aware <= e_plain * (1 + 1e-9), n
+        better += e_aware < 0.99 * e_plain
+    assert better >= len(names) // 2
+    # a global budget through the converter: never exceeded, reported
+    budgeted = kronecker_bert_from_bert(teacher, preset="kroneckerbert8", budget=0.3, rank=2, init="activation",
+                                        calibration_data=ids, progress=False)
+    report = budgeted.compression_report
+    assert sum(r.params_after for r in report.modules) <= report.budget == int(
+        0.3 * sum(r.params_before for r in report.modules))
+    # the GPT-2 converter: the same options
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=60, n_positions=16)).eval()
+    gids = torch.randint(0, 60, (12, 8), generator=torch.Generator().manual_seed(3))
+    kn = kngpt2_from_gpt2(gpt2, preset="paper", init="activation", calibration_data=gids, progress=False)
+    assert {r.init for r in kn.compression_report.modules if r.rank > 0} == {"activation"}
+    with torch.no_grad():
+        assert torch.isfinite(kn(gids[:2]).logits).all()

@@ -48,9 +48,9 @@ def weighted_error(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.T
     the squared output error over the calibration inputs, as a fraction of the output's energy."""
     from .kronecker_math import kronecker_to_dense
 
-    W = W.double()
-    C = C.double()
-    E = W - kronecker_to_dense(A.double(), B.double())
+    W = W.detach().double()
+    C = C.detach().double()
+    E = W - kronecker_to_dense(A.detach().double(), B.detach().double())
     err = ((E @ C) * E).sum().clamp_min(0)
     if relative:
         err = err / ((W @ C) * W).sum().clamp_min(1e-300)
