@@ -6,10 +6,8 @@
 Each form is exported alone with ``torch.onnx.export(dynamo=True)`` (the exporter ``export_onnx``
 uses) and run by an ``onnxruntime`` CPU session at 1 x 128 and 32 x 128 tokens; the dense
 ``nn.Linear`` of the same shape is the baseline in the same run (ratio = dense time / form time).
-The forms are the library's contraction orders (``kn_transformers.core.contraction``) plus
-``a_first_slices``, a prototype for a ``B`` with few entries: one flat GEMM with ``A`` per column
-of ``X`` (a strided slice), then ``B`` as tiny GEMMs accumulated in place of the transposes that
-the flat orders need. The layers are KroneckerBERT's on BERT-base (``kroneckerbert8`` / ``21``).
+The forms are the library's contraction orders (``kn_transformers.core.contraction``) that can
+win in a graph runtime (``worth_timing``). The layers are KroneckerBERT's on BERT-base (``kroneckerbert8`` / ``21``).
 This is the evidence for choosing the export's order per shape (issue: ONNX Runtime speed).
 """
 
@@ -34,23 +32,23 @@ LAYERS = {
     "kb8_attn": (384, 384, 2, 2), "kb8_ffn_in": (8, 2, 384, 384), "kb8_ffn_out": (2, 8, 384, 384),
     "kb21_attn": (384, 48, 2, 16), "kb21_ffn_in": (16, 2, 192, 384), "kb21_ffn_out": (2, 16, 384, 192),
 }
-LIBRARY_ORDERS = ("b_first_flat", "a_first_t", "b_first_ew")
+LIBRARY_ORDERS = ("b_first_flat", "a_first_t", "b_first_ew", "a_first_ew", "b_first", "a_first", "b_first_bmm",
+                  "a_first_bmm", "b_first_expand", "a_first_expand", "a_first_cols")
+
+
+def worth_timing(order: str, m1: int, n1: int, m2: int, n2: int) -> bool:
+    """Skips forms that cannot win: the elementwise ones unless ``A`` is tiny (one graph node per
+    entry of ``A``), the expanded ones when their multiply-adds reach half the dense layer's."""
+    if order.endswith(("_ew", "_bmm")) or order in ("b_first", "a_first"):  # A applied per row: only a tiny A
+        return m1 * n1 <= 32
+    if order == "b_first_expand":
+        return n1 * m2 * (n2 + m1 * m2) <= m1 * m2 * n1 * n2 / 2
+    if order == "a_first_expand":
+        return m1 * n2 * (n1 * n2 + m2) <= m1 * m2 * n1 * n2 / 2
+    if order == "a_first_cols":
+        return n2 <= 4
+    return True
 SHAPES = ((1, 128), (32, 128))
-
-
-def a_first_slices(x3, A, B):
-    """``(N, n1, n2) -> (N, m1*m2)``: ``T_j = X[:, :, j] Aᵀ`` per column ``j`` of ``X`` (flat GEMMs),
-    then ``y[(N, i1), :] += T_j · B[:, :, j]`` (``(N*m1, r) @ (r, m2)``): no transpose of activations."""
-    N, n1, n2 = x3.shape
-    r, m1, _ = A.shape
-    m2 = B.shape[1]
-    a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)  # rows (i1, r)
-    y = None
-    for j in range(n2):
-        t = (x3[:, :, j] @ a_stack.T).reshape(N * m1, r)
-        term = t @ B[:, :, j]  # (N*m1, m2)
-        y = term if y is None else y + term
-    return y.reshape(N, m1 * m2)
 
 
 class Form(nn.Module):
@@ -61,9 +59,6 @@ class Form(nn.Module):
         self.B = nn.Parameter(torch.randn(1, m2, n2) / n2 ** 0.5)
 
     def forward(self, x):
-        if self.order == "a_first_slices":
-            N = x.shape[0] * x.shape[1]
-            return a_first_slices(x.reshape(N, self.n1, self.n2), self.A, self.B).reshape(x.shape[0], x.shape[1], -1)
         return kronecker_matmul(x, self.A, self.B, order=self.order)
 
 
@@ -108,9 +103,9 @@ def main(argv=None):
         for name in args.layers:
             m1, n1, m2, n2 = LAYERS[name]
             dense = time_in_ort(nn.Linear(n1 * n2, m1 * m2), n1 * n2, folder, args.threads, args.repeats)
-            forms = list(LIBRARY_ORDERS) + (["a_first_slices"] if m2 * n2 <= 8 else [])
+            forms = LIBRARY_ORDERS
             for order in forms:
-                if order == "b_first_ew" and m1 * n1 > 32:  # one graph node per entry of A: only a tiny A
+                if not worth_timing(order, m1, n1, m2, n2):
                     continue
                 t = time_in_ort(Form(order, m1, n1, m2, n2), n1 * n2, folder, args.threads, args.repeats)
                 lines.append(f"| {name} | {m1}x{n1} | {m2}x{n2} | {order} | {t[SHAPES[0]] * 1e3:.3f} | "

@@ -89,10 +89,7 @@ SHAPES = [  # (in, out, a_shape, rank)
 ]
 
 
-@pytest.mark.parametrize(
-    "order", ["b_first", "a_first", "b_first_t", "a_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew", "a_first_ew",
-              "auto"]
-)
+@pytest.mark.parametrize("order", KRONECKER_ORDERS + ("auto",))
 @pytest.mark.parametrize("n_in,n_out,a_shape,rank", SHAPES)
 @pytest.mark.parametrize("lead", [(5,), (2, 3), (1, 1, 4)])
 def test_linear_matches_dense_values_and_gradients(order, n_in, n_out, a_shape, rank, lead):

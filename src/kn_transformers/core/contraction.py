@@ -43,15 +43,32 @@ def contraction_order(A: torch.Tensor, B: torch.Tensor) -> str:
     return "a_first_bmm" if m1 * r <= _BMM_MAX_ROWS else "a_first"
 
 
-def flat_contraction_order(A: torch.Tensor, B: torch.Tensor) -> str:
-    """The order for graph runtimes (ONNX Runtime): the one with fewer multiply-adds, each stage one
-    flat 2-D matmul over all rows (``b_first_flat``, ``a_first_t``). The ``matmul``/``bmm`` forms
-    with a broadcast factor export as a batched MatMul that such runtimes run as one small GEMM
-    per row."""
+def graph_contraction_order(A: torch.Tensor, B: torch.Tensor) -> str:
+    """The order for graph runtimes (ONNX Runtime), where a copy of the activations (a transpose)
+    costs as much as a small matmul.
+
+    The family with fewer multiply-adds (B first or A first), then the first form of it that fits:
+    ``*_expand`` where multiplying by ``A ⊗ I`` still costs at most half the dense layer (two flat
+    matmuls, no copy: ``A 384×48 ⊗ B 2×16``); the ``bmm`` forms for a tiny ``A`` (at most 32
+    entries: one broadcast matmul, which the runtime runs well when ``A`` is tiny: FFN splits
+    ``A 8×2``); ``a_first_cols`` for a ``B`` with at most two columns (``A 384×384 ⊗ B 2×2``);
+    else the flat forms (``b_first_flat``, ``a_first_t``: each stage one 2-D matmul, with
+    transposes). Each choice is the fastest form measured for its layer shape by
+    ``benchmarks/bench_onnx_layers.py``.
+    """
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
+    dense = m1 * m2 * n1 * n2
     fb, fa = kronecker_flops(m1, n1, m2, n2, r)
-    return "b_first_flat" if fb <= fa else "a_first_t"
+    b_family = fb <= fa
+    expand = (n1 * r * m2 * (n2 + m1 * m2) if b_family else m1 * r * n2 * (n1 * n2 + m2))
+    if 2 * expand <= dense:
+        return "b_first_expand" if b_family else "a_first_expand"
+    if m1 * n1 * r <= 32:
+        return "b_first_bmm" if b_family else "a_first_bmm"
+    if n2 <= 2:
+        return "a_first_cols"
+    return "b_first_flat" if b_family else "a_first_t"
 
 
 def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str = "auto") -> torch.Tensor:
@@ -75,7 +92,17 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
             * ``"a_first_t"``: as ``a_first``, the input transposed so that the product with ``A``
               is one flat matmul: for a ``B`` with one or a few columns (e.g. ``A 32×768``);
             * ``"b_first_ew"`` / ``"a_first_ew"``: the product with ``A`` as ``n1·rank``
-              fused multiply-add passes instead of ``N`` tiny matmuls: for a tiny ``A``.
+              fused multiply-add passes instead of ``N`` tiny matmuls: for a tiny ``A``;
+            * ``"b_first_expand"`` / ``"a_first_expand"``: both stages flat matmuls over all rows,
+              with no copy of the activations: the stage with ``A`` multiplies by ``A ⊗ I`` (the
+              identity of ``B``'s rows, resp. columns), built from ``A`` on each call. It costs
+              ``m2`` (resp. ``n2``) times that stage's multiply-adds, a price worth paying where
+              ``B`` is small and a graph runtime's transposes are slow (ONNX Runtime: built once,
+              by constant folding);
+            * ``"a_first_cols"``: one flat matmul with ``A`` per column ``j2`` of ``X`` (a strided
+              slice), then its product with that column of ``B`` (a matmul over the rank), summed:
+              no transpose, for a ``B`` with few columns and a large ``A`` (``A 384×384 ⊗ B 2×2``)
+              in a graph runtime.
 
     Returns:
         ``(..., m1*m2)``.
@@ -89,7 +116,7 @@ def kronecker_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: s
 
 # The contraction strategies (see kronecker_matmul); all compute the same product.
 KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "a_first_t", "b_first_bmm", "a_first_bmm", "b_first_ew",
-                    "a_first_ew", "b_first_flat")
+                    "a_first_ew", "b_first_flat", "b_first_expand", "a_first_expand", "a_first_cols")
 
 
 def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
@@ -259,6 +286,44 @@ def _order_a_first_ew(x3, A, B, bias):
     return _add_bias_(_b_last(t, B, N * m1).view(N, m1 * m2), bias)
 
 
+def _expand(M: torch.Tensor, k: int) -> torch.Tensor:
+    """``M ⊗ I_k`` of ``M`` ``(p, q)``: ``(p*k, q*k)``, built by broadcasting (no ``torch.kron``)."""
+    p, q = M.shape
+    eye = torch.eye(k, dtype=M.dtype, device=M.device)
+    return (M[:, None, :, None] * eye[None, :, None, :]).reshape(p * k, q * k)
+
+
+def _order_b_first_expand(x3, A, B, bias):
+    N = x3.shape[0]
+    r, m1, n1 = A.shape
+    m2 = B.shape[1]
+    t = _b_stage(x3, B).reshape(N, n1 * r * m2)  # columns (j1, r, i2)
+    y = t @ _expand(_a_cat(A).T, m2)  # (n1*r*m2, m1*m2): rows (j1, r, i2'), columns (i1, i2)
+    return y if bias is None else y + bias
+
+
+def _order_a_first_expand(x3, A, B, bias):
+    N, n1, n2 = x3.shape
+    r, m1, _ = A.shape
+    a_stack = A.permute(1, 0, 2).reshape(m1 * r, n1)  # rows (i1, r)
+    t = x3.reshape(N, n1 * n2) @ _expand(a_stack.T, n2)  # (N, m1*r*n2): columns (i1, r, j2)
+    return _add_bias_(_b_last(t, B, N * m1).view(N, m1 * B.shape[1]), bias)
+
+
+def _order_a_first_cols(x3, A, B, bias):
+    N, n1, n2 = x3.shape
+    r, m1, _ = A.shape
+    m2 = B.shape[1]
+    a_stack_t = A.permute(1, 0, 2).reshape(m1 * r, n1).T  # (n1, m1*r): columns (i1, r)
+    y = None
+    for j in range(n2):
+        t = (x3[:, :, j] @ a_stack_t).reshape(N * m1, r)
+        term = t @ B[:, :, j]  # (N*m1, m2): Σ_r t[(N, i1), r] B_r[i2, j]
+        y = term if y is None else y + term
+    y = y.reshape(N, m1 * m2)
+    return y if bias is None else y + bias
+
+
 _STRATEGY_FNS = {
     "b_first": _order_b_first,
     "a_first": _order_a_first,
@@ -269,4 +334,7 @@ _STRATEGY_FNS = {
     "a_first_t": _order_a_first_t,
     "b_first_ew": _order_b_first_ew,
     "a_first_ew": _order_a_first_ew,
+    "b_first_expand": _order_b_first_expand,
+    "a_first_expand": _order_a_first_expand,
+    "a_first_cols": _order_a_first_cols,
 }

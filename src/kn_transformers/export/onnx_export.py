@@ -88,9 +88,9 @@ def _check_opset(opset: int) -> int:
 @contextlib.contextmanager
 def _plain_torch_path(model: nn.Module):
     """During export: layers prepared with ``optimize_for_inference`` use the plain contraction (the
-    native kernel is not an ONNX op), every Kronecker layer the flat-matmul order
-    (``flat_contraction_order``), attention transformers' eager implementation; all restored after."""
-    from ..core.contraction import flat_contraction_order
+    native kernel is not an ONNX op), every Kronecker layer the order for graph runtimes
+    (``graph_contraction_order``), attention transformers' eager implementation; all restored after."""
+    from ..core.contraction import graph_contraction_order
     from ..core.inference import OptimizedKroneckerLinear
 
     swapped = [m for m in model.modules() if isinstance(m, OptimizedKroneckerLinear)]
@@ -104,8 +104,8 @@ def _plain_torch_path(model: nn.Module):
     training = model.training
     for m in swapped:
         m.__class__ = KroneckerLinear
-    for m in layers:  # each stage one flat matmul: what graph runtimes run fast
-        m.order = flat_contraction_order(m.A, m.B)
+    for m in layers:  # no transposes where a form avoids them: what graph runtimes run fast
+        m.order = graph_contraction_order(m.A, m.B)
     for c in configs:
         c._attn_implementation = "eager"
     model.eval()
