@@ -341,7 +341,8 @@ def _cmd_export(args) -> int:
     else:
         from .export import export_onnx, quantize_onnx
 
-        where = export_onnx(model, args.output, opset=args.opset, with_past=not args.no_past)
+        opset = {} if args.opset is None else {"opset": args.opset}
+        where = export_onnx(model, args.output, with_past=not args.no_past, **opset)
         model.config.save_pretrained(where.parent)
         if args.quantize:
             quantized = quantize_onnx(where)
@@ -444,7 +445,7 @@ def _main(argv: list) -> int:
     p.add_argument("output", help="output folder (or .onnx file with --format onnx)")
     p.add_argument("--format", choices=["dense", "onnx"], required=True)
     p.add_argument("--quantize", choices=["int8"], default=None, help="ONNX Runtime dynamic int8 quantisation")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: export_onnx's, 20)")
     p.add_argument("--no_past", action="store_true", help="causal LMs: export without the KV-cache inputs/outputs")
     p.add_argument("--head", default=None, help="causal-lm | sequence-classification | masked-lm | "
                                                 "question-answering | base; default: the folder's")

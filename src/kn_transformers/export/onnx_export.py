@@ -47,6 +47,10 @@ ONNX_ARCHITECTURES = {
 }
 #: opsets the dynamo exporter writes (it translates to opset 18 and converts upwards)
 MIN_OPSET = 18
+#: the default: opset 20 has ``Gelu``, one fused operator in ONNX Runtime where opset 18 spells the
+#: activation out in five elementwise ones (BERT-base at 32x128 tokens: 11% faster, Kronecker graphs
+#: more, because the activation is a larger share of their time)
+DEFAULT_OPSET = 20
 
 
 def _export_kind(model: PreTrainedModel) -> str:
@@ -177,7 +181,7 @@ def export_onnx(
     path: Union[str, os.PathLike],
     *,
     with_past: Optional[bool] = None,
-    opset: int = MIN_OPSET,
+    opset: int = DEFAULT_OPSET,
     example_batch: int = 2,
     example_length: int = 8,
 ) -> Path:
@@ -189,7 +193,8 @@ def export_onnx(
             plain PyTorch contraction).
         path: a ``.onnx`` file, or a folder that gets ``model.onnx``.
         with_past: causal LMs only: export the KV-cache inputs and outputs (default ``True``).
-        opset: ONNX opset, ``MIN_OPSET`` (18) up to the installed ``onnx``'s newest.
+        opset: ONNX opset, ``MIN_OPSET`` (18) up to the installed ``onnx``'s newest; ``DEFAULT_OPSET``
+            (20) by default.
         example_batch, example_length: the shapes traced (any batch and length run afterwards).
 
     Returns the path of the ``.onnx`` file. Weights are stored inside the file up to protobuf's
