@@ -197,6 +197,28 @@ def test_kronecker_bert_onnx_matches_pytorch(bert_onnx):
         _close(out[0], ref.detach(), 1e-4)
 
 
+@pytest.mark.parametrize("preset", ["kroneckerbert8", "kroneckerbert21"])
+def test_graph_orders_export_factored_and_match(preset, tmp_path):
+    # the forms export_onnx picks for graph runtimes: no transpose of the activations where one can
+    # be avoided (A ⊗ I for a small B, broadcast matmuls for a tiny A, one GEMM per column of B)
+    from kn_transformers.core.contraction import graph_contraction_order
+    from kn_transformers.core.layers import KroneckerLinear
+
+    student = _kbert(preset=preset)
+    orders = {graph_contraction_order(m.A, m.B) for m in student.modules() if isinstance(m, KroneckerLinear)}
+    assert orders == ({"a_first_cols", "b_first_bmm", "a_first_bmm"} if preset == "kroneckerbert8"
+                      else {"b_first_expand", "b_first_bmm", "a_first_expand"})
+    path = export_onnx(student, tmp_path)
+    check_factored_graph(path, student)
+    sess = _session(path)
+    for batch, length in ((1, 5), (3, 17)):
+        ids, mask = _ids(batch, length, pad_last=2 if batch > 1 else 0)
+        types = torch.zeros_like(ids)
+        out = sess.run(None, dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=types.numpy()))
+        _close(out[0], student(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.detach(), 1e-4)
+    assert all(m.order == "auto" for m in student.modules() if isinstance(m, KroneckerLinear))  # restored
+
+
 def test_onnx_graph_keeps_the_factors(bert_onnx, tmp_path):
     student, path = bert_onnx
     check_factored_graph(path, student)  # no constant or static tensor of a full matrix's size
