@@ -142,6 +142,18 @@ def test_run_glue_gpt2_student_on_sst2_labels_only(tmp_path, tiny_gpt2, shared_d
     assert "eval_accuracy" in metrics and "eval_loss_hidden" not in metrics  # no teacher: plain Trainer
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert type(model).__name__ == "KnGPT2ForSequenceClassification"
+    # the GPT-2 student calibrated on training rows; bad --init values are one line
+    metrics = kn_transformers.recipes.run_glue.main(
+        ["--model_name_or_path", tiny_gpt2, "--preset", "paper", "--init", "activation", "--calibration_samples", "8",
+         "--task_name", "sst2", *glue_files(shared_data, "sst2"), "--max_train_samples", "32", "--max_eval_samples",
+         "32", "--max_steps", "2", "--max_seq_length", "32", "--output_dir", str(tmp_path / "act"), *COMMON])
+    assert "eval_accuracy" in metrics
+    for extra, match in ((["--init", "nearest"], "--init must be 'svd' or 'activation'"),
+                         (["--init", "activation", "--do_train", "false"], "add --do_train")):
+        with pytest.raises(ValueError, match=match):
+            kn_transformers.recipes.run_glue.main(
+                ["--model_name_or_path", tiny_gpt2, "--preset", "paper", "--task_name", "sst2",
+                 *glue_files(shared_data, "sst2"), "--output_dir", str(tmp_path / "bad"), *COMMON, *extra])
 
 
 def test_distill_lm_and_evaluate_perplexity(tmp_path, tiny_gpt2, shared_data):
@@ -200,12 +212,15 @@ def test_run_glue_on_the_real_minilm_teacher_rte(tmp_path, minilm_path, shared_d
          "--output_dir", str(teacher_dir), *COMMON])
     s_metrics = kn_transformers.recipes.run_glue.main(
         ["--model_name_or_path", str(teacher_dir), "--preset", "kroneckerbert8", "--teacher_model_name_or_path",
-         str(teacher_dir), "--distill_preset", "balanced_augmented", "--task_name", "rte", *glue_files(shared_data, "rte"),
+         str(teacher_dir), "--distill_preset", "balanced_augmented", "--init", "activation", "--calibration_samples",
+         "64", "--task_name", "rte", *glue_files(shared_data, "rte"),
          "--max_train_samples", "256", "--max_steps", "16", "--learning_rate", "5e-4", "--max_seq_length", "128",
          "--output_dir", str(tmp_path / "student"), *COMMON])
     # balanced terms and masked copies through the real tokenizer; the card names the recipe
     assert {"eval_loss_hidden", "eval_loss_attention", "eval_loss_logits"} <= s_metrics.keys()
-    assert "preset `balanced_augmented`, mask augmentation 0.25" in (tmp_path / "student" / "README.md").read_text()
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "preset `balanced_augmented`, mask augmentation 0.25" in card
+    assert "output error" in card  # activation-aware init on 64 training rows: the card's table says so
     for m in (t_metrics, s_metrics):
         assert m["eval_samples"] == 277 and 0.3 < m["eval_accuracy"] < 0.8  # RTE dev: 277 pairs, 2 classes
     print(f"\nRTE dev accuracy: teacher {t_metrics['eval_accuracy']:.4f}, "

@@ -44,6 +44,11 @@ class ModelArguments:
         default=None, metadata={"help": "fine-tuned teacher for ILKD; without it the student trains on labels"})
     preset: Optional[str] = field(default=None, metadata={"help": "convert: paper | kroneckerbert8 | kroneckerbert21"})
     target_fraction: Optional[float] = field(default=None, metadata={"help": "convert: parameter fraction per matrix"})
+    init: str = field(
+        default="svd",
+        metadata={"help": "convert: 'svd' (the papers' nearest Kronecker product of each weight) or 'activation' (each "
+                          "matrix fitted to its outputs on the first --calibration_samples training rows)"})
+    calibration_samples: int = field(default=128, metadata={"help": "convert with --init activation: training rows"})
     tokenizer_name: Optional[str] = field(default=None)
     cache_dir: Optional[str] = field(default=None)
 
@@ -77,9 +82,11 @@ def main(argv=None) -> dict:
                       pad_token_id=tokenizer.pad_token_id)
 
     converting = model_args.preset is not None or model_args.target_fraction is not None
+    if model_args.init not in ("svd", "activation"):
+        raise ValueError(f"--init must be 'svd' or 'activation', got {model_args.init!r}")
+    if converting and model_args.init == "activation" and not training_args.do_train:
+        raise ValueError("--init activation calibrates on training rows: add --do_train (or use --init svd)")
     model = load_model(model_args.model_name_or_path, "sequence-classification", **labels_cfg)
-    if converting:
-        model = convert_to_student(model, model_args.preset, model_args.target_fraction, "sequence-classification")
     teacher = None
     if model_args.teacher_model_name_or_path:
         teacher = load_model(model_args.teacher_model_name_or_path, "sequence-classification", **labels_cfg)
@@ -102,6 +109,17 @@ def main(argv=None) -> dict:
         train_ds = train_ds.select(range(min(data_args.max_train_samples, len(train_ds))))
     eval_splits = [s for s in task.eval_splits if s in ds] or (["validation"] if "validation" in ds else [])
     evals = {s: ds[s] for s in eval_splits}
+    if converting:
+        calibration = {}
+        if model_args.init == "activation":  # training rows only: never the evaluation text
+            if train_ds is None:
+                raise ValueError("--init activation calibrates on training rows, but the data have no train split")
+            keys = [k for k in tokenizer.model_input_names if k in train_ds.column_names]
+            rows = train_ds.select(range(min(model_args.calibration_samples, len(train_ds))))
+            calibration = dict(init="activation", calibration_samples=None,
+                               calibration_data=DataCollatorWithPadding(tokenizer)([{k: r[k] for k in keys} for r in rows]))
+        model = convert_to_student(model, model_args.preset, model_args.target_fraction, "sequence-classification",
+                                   **calibration)
     if data_args.max_eval_samples:
         evals = {s: d.select(range(min(data_args.max_eval_samples, len(d)))) for s, d in evals.items()}
 
