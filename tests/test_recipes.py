@@ -244,7 +244,10 @@ def test_distill_lm_masked_lm_stage_one_for_bert(tmp_path, minilm_path, shared_d
     metrics = kn_transformers.recipes.distill_lm.main(
         ["--teacher_model_name_or_path", str(teacher), "--preset", "kroneckerbert8", "--train_file",
          str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"), "--block_size", "64",
-         "--max_steps", "2", "--distill_preset", "kroneckerbert", "--output_dir", str(out), *COMMON])
+         "--max_steps", "2", "--distill_preset", "kroneckerbert", "--init", "activation", "--calibration_samples", "4",
+         "--output_dir", str(out), *COMMON])
+    # the student was calibrated on 4 training blocks: its card's table has the output errors
+    assert "output error" in (out / "README.md").read_text()
     # masked positions only carry labels: the MLM loss exists, and with it an MLM perplexity
     assert {"eval_loss_labels", "eval_loss_logits", "eval_loss_ffn", "eval_mlm_perplexity"} <= metrics.keys()
     from transformers import AutoModelForMaskedLM

@@ -27,7 +27,7 @@ from ..distillation import DistillationArguments, ILKDTrainer
 from ..model_card import create_model_card
 from .perplexity import sliding_window_perplexity
 from . import common
-from .students import convert_to_student, load_model, model_family
+from .students import calibration_kwargs, check_init, convert_to_student, load_model, model_family
 
 logger = logging.get_logger(__name__)
 
@@ -39,6 +39,11 @@ class ModelArguments:
         default=None, metadata={"help": "an existing Kronecker student; default: convert the teacher"})
     preset: Optional[str] = field(default=None, metadata={"help": "paper | kroneckerbert8 | kroneckerbert21"})
     target_fraction: Optional[float] = field(default=None)
+    init: str = field(
+        default="svd",
+        metadata={"help": "convert: 'svd' (the papers' nearest Kronecker product of each weight) or 'activation' (each "
+                          "matrix fitted to its outputs on the first --calibration_samples training blocks)"})
+    calibration_samples: int = field(default=128, metadata={"help": "convert with --init activation: training blocks"})
     tokenizer_name: Optional[str] = field(default=None)
 
 
@@ -112,11 +117,8 @@ def main(argv=None) -> dict:
         except Exception:  # noqa: BLE001 - a BERT without an MLM head: encoder-only distillation
             head = "base"
         causal = False
+    check_init(model_args.init)
     teacher = load_model(model_args.teacher_model_name_or_path, head)
-    if model_args.student_model_name_or_path:
-        student = load_model(model_args.student_model_name_or_path, head)
-    else:
-        student = convert_to_student(teacher, model_args.preset, model_args.target_fraction, head)
     if head == "base":  # no logits and no labels: the intermediate terms only
         training_args.logits_weight = training_args.labels_weight = 0.0
 
@@ -135,6 +137,11 @@ def main(argv=None) -> dict:
     else:
         collator = default_data_collator
     logger.warning(f"training on {len(train)} blocks = {len(train) * data_args.block_size:,} tokens")
+    if model_args.student_model_name_or_path:
+        student = load_model(model_args.student_model_name_or_path, head)
+    else:
+        calibration = calibration_kwargs(model_args.init, train, model_args.calibration_samples, default_data_collator)
+        student = convert_to_student(teacher, model_args.preset, model_args.target_fraction, head, **calibration)
 
     trainer = ILKDTrainer(model=student, teacher_model=teacher, args=training_args, train_dataset=train,
                           eval_dataset=valid, data_collator=collator, processing_class=tokenizer)

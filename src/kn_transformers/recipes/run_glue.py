@@ -32,7 +32,7 @@ from ..distillation import DistillationArguments, ILKDTrainer
 from .glue import compute_metrics_for, get_task, load_glue
 from ..model_card import create_model_card
 from . import common
-from .students import convert_to_student, load_model
+from .students import calibration_kwargs, check_init, convert_to_student, load_model
 
 logger = logging.get_logger(__name__)
 
@@ -82,8 +82,7 @@ def main(argv=None) -> dict:
                       pad_token_id=tokenizer.pad_token_id)
 
     converting = model_args.preset is not None or model_args.target_fraction is not None
-    if model_args.init not in ("svd", "activation"):
-        raise ValueError(f"--init must be 'svd' or 'activation', got {model_args.init!r}")
+    check_init(model_args.init)
     if converting and model_args.init == "activation" and not training_args.do_train:
         raise ValueError("--init activation calibrates on training rows: add --do_train (or use --init svd)")
     model = load_model(model_args.model_name_or_path, "sequence-classification", **labels_cfg)
@@ -110,14 +109,8 @@ def main(argv=None) -> dict:
     eval_splits = [s for s in task.eval_splits if s in ds] or (["validation"] if "validation" in ds else [])
     evals = {s: ds[s] for s in eval_splits}
     if converting:
-        calibration = {}
-        if model_args.init == "activation":  # training rows only: never the evaluation text
-            if train_ds is None:
-                raise ValueError("--init activation calibrates on training rows, but the data have no train split")
-            keys = [k for k in tokenizer.model_input_names if k in train_ds.column_names]
-            rows = train_ds.select(range(min(model_args.calibration_samples, len(train_ds))))
-            calibration = dict(init="activation", calibration_samples=None,
-                               calibration_data=DataCollatorWithPadding(tokenizer)([{k: r[k] for k in keys} for r in rows]))
+        calibration = calibration_kwargs(model_args.init, train_ds, model_args.calibration_samples,
+                                         DataCollatorWithPadding(tokenizer))
         model = convert_to_student(model, model_args.preset, model_args.target_fraction, "sequence-classification",
                                    **calibration)
     if data_args.max_eval_samples:

@@ -72,3 +72,27 @@ def convert_to_student(
         raise ValueError(f"a {head} student needs a teacher with that head, got a {type(teacher).__name__}; "
                          f"load the teacher with load_model(..., {head!r})")
     return kngpt2_from_gpt2(teacher, preset=preset, target_fraction=target_fraction, **config_overrides)
+
+
+INITS = ("svd", "activation")
+
+
+def check_init(init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"--init must be 'svd' or 'activation', got {init!r}")
+
+
+def calibration_kwargs(init: str, rows, samples: int, collate) -> dict:
+    """The converter's keyword arguments for ``init``: none for ``"svd"``; for ``"activation"``
+    the first ``samples`` of ``rows`` (a tokenised ``datasets.Dataset``, training data only, never
+    the evaluation text) as one batch made by ``collate``."""
+    check_init(init)
+    if init == "svd":
+        return {}
+    if rows is None or len(rows) == 0:
+        raise ValueError("--init activation calibrates on training rows, but there are none")
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows.column_names]
+    picked = rows.select(range(min(samples, len(rows))))
+    return dict(init="activation", calibration_samples=None,
+                calibration_data=collate([{k: r[k] for k in keys} for r in picked]))
+
