@@ -128,8 +128,10 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
         return out + ["Not run yet: `benchmarks/study_kroneckerbert.py` writes "
                       "`benchmarks/results/kroneckerbert_ablation.json`.", ""]
     b = d["budgets"]
+    init = ("nearest-Kronecker initialisation" if b.get("init", "svd") == "svd" else
+            f"activation-aware initialisation on {b.get('calibration_samples')} training rows (stage 1 keeps the SVD init)")
     out += [f"Teacher: {d['teacher']}, fine-tuned per task. Students converted from the fine-tuned teacher "
-            "(nearest-Kronecker initialisation, classifier and pooler copied); the three variants of a preset "
+            f"({init}, classifier and pooler copied); the variants of a preset "
             "share stage-2 steps, batch, learning rate and seed.", ""]
     if not d.get("complete"):
         out += ["**Partial run**: the JSON was written by an unfinished study; missing rows were not measured.", ""]

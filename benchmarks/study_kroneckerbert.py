@@ -88,6 +88,10 @@ def parse_args(argv=None):
                         "weights). Default attention=0.1: with unit weights the attention-score MSE (~13) drowned "
                         "the label and logits terms and kroneckerbert21 stayed at one class on SST-2 "
                         "(kroneckerbert_ablation_sst2_long.json)")
+    p.add_argument("--init", default="svd", choices=["svd", "activation"],
+                   help="stage-2 students' init: the paper's SVD, or activation-aware on --calibration_samples "
+                        "training rows (stage 1, when run, keeps the SVD init)")
+    p.add_argument("--calibration_samples", type=int, default=128)
     p.add_argument("--stage1_steps", type=int, default=300)
     p.add_argument("--stage1_batch_size", type=int, default=16)
     p.add_argument("--stage1_block_size", type=int, default=128)
@@ -395,7 +399,11 @@ def train_student(args, task, preset, variant, seed, teacher, teacher_score, tra
                   tokenizer, collate, steps, batch, metric) -> dict:
     """One stage-2 run of ``variant`` with ``seed``: its dev score and what its trainer logged."""
     set_seed(seed)
-    student = kronecker_bert_from_bert(teacher, preset=preset, progress=False)
+    init = {}
+    if args.init == "activation" and variant != "stage1+ILKD":  # calibrated on training rows, never dev
+        rows = [{k: v for k, v in e.items() if k != "labels"} for e in train_set[:args.calibration_samples]]
+        init = dict(init="activation", calibration_data=collate(rows))
+    student = kronecker_bert_from_bert(teacher, preset=preset, progress=False, **init)
     if variant == "stage1+ILKD":
         missing, unexpected = student.bert.load_state_dict(stage1_states[preset], strict=False)
         bad = [k for k in missing if not k.startswith("pooler.")] + list(unexpected)
@@ -455,7 +463,7 @@ def main(argv=None) -> dict:
             "tasks", "presets", "train_rows", "max_length", "batch_size", "teacher_steps", "student_steps",
             "teacher_lr", "student_lr", "stage2_preset", "stage1_preset", "stage2_weights", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
             "stage1_holdout", "stage1_eval_blocks", "seed", "seeds", "teacher_eval_every", "teacher_patience",
-            "teacher_val_rows", "teachers_only")},
+            "teacher_val_rows", "teachers_only", "init", "calibration_samples")},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
                         "cpus": os.cpu_count(), "python": platform.python_version(),
