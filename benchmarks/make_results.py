@@ -817,6 +817,38 @@ def init_reading(name: str, m: dict) -> list[str]:
     return out + [""]
 
 
+def run_glue_section(d: Optional[dict]) -> list[str]:
+    """The README's GLUE command with a teacher (the default recipe) against labels alone, over seeds."""
+    out = ["## Accuracy 3: the README's `kn-transformers glue` command, as a user runs it", ""]
+    if not d:
+        return out + ["Not run yet: `benchmarks/study_run_glue.py` writes `benchmarks/results/run_glue_readme.json`.", ""]
+    env = d["environment"]
+    t = d["teacher"]
+    out += [f"`{d['command']}` ({fmt_s(d.get('wall_seconds'))}, {env.get('cpu', '?')}, torch threads "
+            f"{env['threads']}, {env['date']}). Teacher: the bundled MiniLM-L6-H384 fine-tuned by `run_glue.py` on the "
+            f"first {d['train_rows']:,} {d['task'].upper()} training rows, dev accuracy {t['accuracy']:.4f}. Each "
+            f"student: `{d['readme_flags']}` on the same rows, `--preset P`, with `--teacher_model_name_or_path` "
+            "(every other setting `run_glue`'s default: the recommended recipe) or without it (labels alone); "
+            f"seeds {d['seeds']}, mean ± standard deviation of the dev accuracy (majority class 0.5092).", ""]
+    if not d.get("complete"):
+        out += ["**Partial run**: missing rows were not measured.", ""]
+    out += ["| preset | recipe (with teacher) | labels alone | difference | two standard errors | retention (recipe) |",
+            "|---|---|---|---|---|---|"]
+    for preset, v in d["students"].items():
+        r, lab = v.get("recipe"), v.get("labels")
+        cells = [("not run" if not x else f"{x['mean']:.4f}" if x["std"] is None else f"{x['mean']:.4f} ± {x['std']:.4f}")
+                 for x in (r, lab)]
+        if r and lab and r["std"] is not None and lab["std"] is not None:
+            diff = r["mean"] - lab["mean"]
+            se2 = 2 * (r["std"] ** 2 / len(r["scores"]) + lab["std"] ** 2 / len(lab["scores"])) ** 0.5
+            cells += [f"{diff:+.4f}", f"{se2:.4f} ({'beyond' if diff > se2 else 'within'} noise)"]
+        else:
+            cells += ["", ""]
+        cells.append(f"{r['mean'] / t['accuracy']:.1%}" if r else "")
+        out.append(f"| {preset} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     _DOC_DIR[0] = os.path.dirname(os.path.abspath(args.output))
@@ -850,6 +882,7 @@ def main(argv=None) -> str:
     init = load(os.path.join(args.results_dir, "init_study.json"))
     init_png = init_chart(init, os.path.join(args.results_dir, "init_study.png")) if init else None
     doc += init_section(init, init_png)
+    doc += run_glue_section(load(os.path.join(args.results_dir, "run_glue_readme.json")))
     reading = []
     for n, a in abls:
         r = ablation_reading(a)
