@@ -70,6 +70,8 @@ def test_run_glue_pair_task_with_ilkd_writes_results_card_and_uploadable_folder(
          "--output_dir", str(out), *COMMON])
     results = json.loads((out / "eval_results.json").read_text())
     assert {"eval_accuracy", "eval_loss_ffn", "eval_loss_attention"} <= results.keys()
+    # with a teacher, the student was converted with the activation-aware init (--init auto)
+    assert "activation-aware init on 128 training rows" in (out / "README.md").read_text()
     assert results["eval_samples"] == 32
     # the card parses back and its model-index matches eval_results.json
     card = ModelCard.load(out / "README.md")
@@ -127,6 +129,9 @@ def test_run_glue_regression_stsb_style(tmp_path, tiny_bert, shared_data):
          str(tmp_path / "validation.jsonl"), "--max_steps", "3", "--max_seq_length", "64", "--output_dir", str(out),
          *COMMON])
     assert {"eval_pearson", "eval_spearmanr", "eval_loss_logits"} <= metrics.keys()
+    # no --distill_preset: the recommended recipe (balanced terms without the embedding term, masked copies)
+    assert {"eval_loss_hidden", "eval_loss_attention"} <= metrics.keys() and "eval_loss_embedding" not in metrics
+    assert "preset `recommended`, mask augmentation 0.25" in (out / "README.md").read_text()
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
     types = {r.metric_type for r in ModelCard.load(out / "README.md").data.eval_results}
@@ -148,7 +153,7 @@ def test_run_glue_gpt2_student_on_sst2_labels_only(tmp_path, tiny_gpt2, shared_d
          "--task_name", "sst2", *glue_files(shared_data, "sst2"), "--max_train_samples", "32", "--max_eval_samples",
          "32", "--max_steps", "2", "--max_seq_length", "32", "--output_dir", str(tmp_path / "act"), *COMMON])
     assert "eval_accuracy" in metrics
-    for extra, match in ((["--init", "nearest"], "--init must be 'svd' or 'activation'"),
+    for extra, match in ((["--init", "nearest"], "--init must be one of 'auto', 'svd', 'activation'"),
                          (["--init", "activation", "--do_train", "false"], "add --do_train")):
         with pytest.raises(ValueError, match=match):
             kn_transformers.recipes.run_glue.main(

@@ -5,8 +5,12 @@ MNLI matched and mismatched, the official metrics (computed offline), ``eval_res
 
     python training/run_glue.py \\
         --model_name_or_path my-finetuned-bert --preset kroneckerbert8 \\
-        --teacher_model_name_or_path my-finetuned-bert --distill_preset kroneckerbert \\
-        --task_name rte --output_dir out/rte --num_train_epochs 3
+        --teacher_model_name_or_path my-finetuned-bert \\
+        --task_name rte --output_dir out/rte --learning_rate 5e-4 --num_train_epochs 3
+
+With a teacher and no other flag the student is converted with the activation-aware init (``--init
+auto``) and distilled with the ``recommended`` preset; ``--distill_preset kroneckerbert`` / ``kngpt2``
+give the papers' losses.
 
 ``--model_name_or_path`` is an existing Kronecker student, or, with ``--preset`` or
 ``--target_fraction``, a dense GPT-2/BERT that is converted on the fly. Data come from the
@@ -28,11 +32,12 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from ..distillation import DistillationArguments, ILKDTrainer
+from ..distillation import DISTILLATION_PRESETS, DistillationArguments, ILKDTrainer
+from ..distillation.arguments import RECOMMENDED_PRESET
 from .glue import compute_metrics_for, get_task, load_glue
 from ..model_card import create_model_card
 from . import common
-from .students import calibration_kwargs, check_init, convert_to_student, load_model
+from .students import INITS, calibration_kwargs, check_init, convert_to_student, load_model
 
 logger = logging.get_logger(__name__)
 
@@ -45,9 +50,10 @@ class ModelArguments:
     preset: Optional[str] = field(default=None, metadata={"help": "convert: paper | kroneckerbert8 | kroneckerbert21"})
     target_fraction: Optional[float] = field(default=None, metadata={"help": "convert: parameter fraction per matrix"})
     init: str = field(
-        default="svd",
-        metadata={"help": "convert: 'svd' (the papers' nearest Kronecker product of each weight) or 'activation' (each "
-                          "matrix fitted to its outputs on the first --calibration_samples training rows)"})
+        default="auto",
+        metadata={"help": "convert: 'svd' (the papers' nearest Kronecker product of each weight), 'activation' (each "
+                          "matrix fitted to its outputs on the first --calibration_samples training rows), or 'auto': "
+                          "'activation' when distilling from a teacher (the recommended recipe), else 'svd'"})
     calibration_samples: int = field(default=128, metadata={"help": "convert with --init activation: training rows"})
     tokenizer_name: Optional[str] = field(default=None)
     cache_dir: Optional[str] = field(default=None)
@@ -63,8 +69,18 @@ class DataArguments:
     max_eval_samples: Optional[int] = field(default=None)
 
 
+@dataclass
+class GlueDistillationArguments(DistillationArguments):
+    """``DistillationArguments`` whose loss, when a teacher is given, defaults to the recommended recipe."""
+
+    distill_preset: Optional[str] = field(
+        default=RECOMMENDED_PRESET,
+        metadata={"help": f"ILKD loss with --teacher_model_name_or_path: one of {sorted(DISTILLATION_PRESETS)} "
+                          f"(default {RECOMMENDED_PRESET!r}: see DISTILLATION_PRESETS)"})
+
+
 def parse_args(argv=None):
-    return common.parse_args((ModelArguments, DataArguments, DistillationArguments), argv)
+    return common.parse_args((ModelArguments, DataArguments, GlueDistillationArguments), argv)
 
 
 def main(argv=None) -> dict:
@@ -82,7 +98,9 @@ def main(argv=None) -> dict:
                       pad_token_id=tokenizer.pad_token_id)
 
     converting = model_args.preset is not None or model_args.target_fraction is not None
-    check_init(model_args.init)
+    check_init(model_args.init, ("auto",) + INITS)
+    if model_args.init == "auto":
+        model_args.init = "activation" if model_args.teacher_model_name_or_path and training_args.do_train else "svd"
     if converting and model_args.init == "activation" and not training_args.do_train:
         raise ValueError("--init activation calibrates on training rows: add --do_train (or use --init svd)")
     model = load_model(model_args.model_name_or_path, "sequence-classification", **labels_cfg)
@@ -149,6 +167,10 @@ def main(argv=None) -> dict:
                      f"{json.dumps(training_args.loss_weights)}, attention loss {training_args.attention_loss}, preset "
                      f"`{training_args.distill_preset}`, mask augmentation {training_args.mask_augmentation})"
                      if teacher is not None else "the task labels alone")
+                  + (f"; converted from `{model_args.model_name_or_path}` with the "
+                     + ("papers' nearest-Kronecker init" if model_args.init == "svd" else
+                        f"activation-aware init on {model_args.calibration_samples} training rows")
+                     if converting else "")
                   + f"; {training_args.num_train_epochs} epochs, learning rate {training_args.learning_rate}, "
                     f"batch {training_args.per_device_train_batch_size}, max length {data_args.max_seq_length}.")
         card = create_model_card(

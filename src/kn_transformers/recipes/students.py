@@ -77,9 +77,9 @@ def convert_to_student(
 INITS = ("svd", "activation")
 
 
-def check_init(init: str) -> None:
-    if init not in INITS:
-        raise ValueError(f"--init must be 'svd' or 'activation', got {init!r}")
+def check_init(init: str, allowed=INITS) -> None:
+    if init not in allowed:
+        raise ValueError(f"--init must be one of {', '.join(map(repr, allowed))}, got {init!r}")
 
 
 def calibration_kwargs(init: str, rows, samples: int, collate) -> dict:
