@@ -128,8 +128,17 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
         return out + ["Not run yet: `benchmarks/study_kroneckerbert.py` writes "
                       "`benchmarks/results/kroneckerbert_ablation.json`.", ""]
     b = d["budgets"]
-    init = ("nearest-Kronecker initialisation" if b.get("init", "svd") == "svd" else
-            f"activation-aware initialisation on {b.get('calibration_samples')} training rows (stage 1 keeps the SVD init)")
+    def init_name(kind, rows):
+        return ("nearest-Kronecker initialisation" if kind == "svd" else
+                f"activation-aware initialisation on {b.get('calibration_samples')} {rows}")
+
+    kinds = {"stage-2 ILKD": b.get("init", "svd"), "labels only": b.get("labels_init") or b.get("init", "svd"),
+             "stage 1": b.get("stage1_init", "svd")}
+    if not b.get("stage1_steps"):
+        del kinds["stage 1"]
+    init = (init_name(kinds["stage-2 ILKD"], "training rows") if len(set(kinds.values())) == 1 else
+            "; ".join(f"{who}: {init_name(k, 'text blocks' if who == 'stage 1' else 'training rows')}"
+                      for who, k in kinds.items()))
     out += [f"Teacher: {d['teacher']}, fine-tuned per task. Students converted from the fine-tuned teacher "
             f"({init}, classifier and pooler copied); the variants of a preset "
             "share stage-2 steps, batch, learning rate and seed.", ""]

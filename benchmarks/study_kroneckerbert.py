@@ -89,8 +89,13 @@ def parse_args(argv=None):
                         "the label and logits terms and kroneckerbert21 stayed at one class on SST-2 "
                         "(kroneckerbert_ablation_sst2_long.json)")
     p.add_argument("--init", default="svd", choices=["svd", "activation"],
-                   help="stage-2 students' init: the paper's SVD, or activation-aware on --calibration_samples "
-                        "training rows (stage 1, when run, keeps the SVD init)")
+                   help="stage-2 ILKD students' init: the paper's SVD, or activation-aware on --calibration_samples "
+                        "training rows")
+    p.add_argument("--labels_init", default=None, choices=["svd", "activation"],
+                   help="the labels-only students' init (default: --init); 'svd' is what run_glue.py does without a "
+                        "teacher")
+    p.add_argument("--stage1_init", default="svd", choices=["svd", "activation"],
+                   help="the stage-1 student's init: SVD, or activation-aware on --calibration_samples text blocks")
     p.add_argument("--calibration_samples", type=int, default=128)
     p.add_argument("--stage1_steps", type=int, default=300)
     p.add_argument("--stage1_batch_size", type=int, default=16)
@@ -120,6 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kroneckerbert_ablation.json"))
     a = p.parse_args(argv)
     a.seeds = [int(x) for x in str(a.seeds).split(",") if x.strip()]
+    a.labels_init = a.labels_init or a.init
     a.stage2_weights = {k.strip() + "_weight": float(v) for k, v in
                         (item.split("=") for item in a.stage2_weights.split(",") if item)}
     for name in ("train_rows", "max_length", "batch_size", "teacher_steps", "student_steps"):
@@ -286,7 +292,10 @@ def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_b
     """General distillation of the pretrained encoder; returns the student's encoder state dict."""
     set_seed(args.seed)
     teacher = BertModel.from_pretrained(teacher_path)
-    student = kronecker_bert_from_bert(teacher, preset=preset, head="base", progress=False)
+    init = {}
+    if args.stage1_init == "activation":  # calibrated on training blocks, never the held-out ones
+        init = dict(init="activation", calibration_data=default_data_collator(train_blocks[:args.calibration_samples]))
+    student = kronecker_bert_from_bert(teacher, preset=preset, head="base", progress=False, **init)
     dargs = training_args(DistillationArguments, args, f"stage1-{preset}", args.stage1_steps, args.stage1_lr,
                           args.stage1_batch_size, distill_preset=args.stage1_preset, logits_weight=0.0,
                           labels_weight=0.0, _sampling="random")
@@ -317,7 +326,7 @@ def cached_stage1(args, preset: str, tokenizer, train_blocks, held_blocks, resul
         return stage1(args, preset, args.teacher, tokenizer, train_blocks, held_blocks, results)
     import hashlib
 
-    key = json.dumps([preset, args.teacher, args.stage1_preset, args.stage1_steps, args.stage1_batch_size,
+    key = json.dumps([preset, args.teacher, args.stage1_preset, args.stage1_init, args.stage1_steps, args.stage1_batch_size,
                       args.stage1_block_size, args.stage1_lr, args.stage1_holdout, args.stage1_eval_blocks, args.seed,
                       torch.__version__, transformers.__version__, kn_transformers.__version__])
     stem = os.path.join(args.stage1_cache, hashlib.sha256(key.encode()).hexdigest()[:16])
@@ -400,7 +409,8 @@ def train_student(args, task, preset, variant, seed, teacher, teacher_score, tra
     """One stage-2 run of ``variant`` with ``seed``: its dev score and what its trainer logged."""
     set_seed(seed)
     init = {}
-    if args.init == "activation" and variant != "stage1+ILKD":  # calibrated on training rows, never dev
+    init_kind = args.labels_init if variant == "labels" else args.init
+    if init_kind == "activation" and variant != "stage1+ILKD":  # calibrated on training rows, never dev
         rows = [{k: v for k, v in e.items() if k != "labels"} for e in train_set[:args.calibration_samples]]
         init = dict(init="activation", calibration_data=collate(rows))
     student = kronecker_bert_from_bert(teacher, preset=preset, progress=False, **init)
@@ -463,7 +473,7 @@ def main(argv=None) -> dict:
             "tasks", "presets", "train_rows", "max_length", "batch_size", "teacher_steps", "student_steps",
             "teacher_lr", "student_lr", "stage2_preset", "stage1_preset", "stage2_weights", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
             "stage1_holdout", "stage1_eval_blocks", "seed", "seeds", "teacher_eval_every", "teacher_patience",
-            "teacher_val_rows", "teachers_only", "init", "calibration_samples")},
+            "teacher_val_rows", "teachers_only", "init", "labels_init", "stage1_init", "calibration_samples")},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
                         "cpus": os.cpu_count(), "python": platform.python_version(),
