@@ -88,21 +88,23 @@ def ablation_chart(d: dict, path: str) -> Optional[str]:
     if not tasks:
         return None
     presets = d["budgets"]["presets"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.5, 4.6 * len(tasks)), 4.2), squeeze=False)
     colors = {"stage1+ILKD": "#DD8452", "ILKD": "#55A868", "labels": "#8C8C8C"}
     for ax, task in zip(axes[0], tasks):
         e = d["tasks"][task]
         teacher = e["teacher"]["score"]
         width = 0.8 / len(d["variants"])
         for j, variant in enumerate(d["variants"]):
-            xs, ys, ret = [], [], []
+            xs, ys, ret, err = [], [], [], []
             for i, preset in enumerate(presets):
                 r = e.get("students", {}).get(preset, {}).get(variant)
                 if r is not None:
                     xs.append(i + (j - (len(d["variants"]) - 1) / 2) * width)
                     ys.append(r["score"])
                     ret.append(r["retention"])
-            bars = ax.bar(xs, ys, width, color=colors.get(variant), label=VARIANT_LABEL[variant])
+                    err.append(r.get("std") or 0.0)  # standard deviation over seeds, where there are several
+            bars = ax.bar(xs, ys, width, yerr=err if any(err) else None, capsize=3, color=colors.get(variant),
+                          label=VARIANT_LABEL[variant])
             ax.bar_label(bars, labels=[f"{y:.2f}\n{r:.0%}" if r is not None else f"{y:.2f}" for y, r in zip(ys, ret)],
                          fontsize=7)
         ax.axhline(teacher, color="#4C72B0", lw=1.5, label="teacher")
