@@ -39,3 +39,11 @@ def save(args, results) -> None:
     with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
     os.replace(tmp, args.output)
+
+
+def finish(args, results) -> dict:
+    """Marks ``results`` complete, writes them a last time and logs the study's wall time."""
+    results["complete"] = True
+    save(args, results)
+    log(f"done in {results['wall_seconds'] / 60:.1f} min: {args.output}")
+    return results

@@ -62,7 +62,7 @@ from kn_transformers.core.kroneckerize import _targets  # noqa: E402
 from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.perplexity import sliding_window_perplexity  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, add_threads_arg, log, save  # noqa: E402
+from _study import DEFAULT_DATA, ROOT, add_threads_arg, finish, log, save  # noqa: E402
 from low_rank import low_rank_model  # noqa: E402
 
 METHODS = ("svd", "activation", "activation+budget", "low-rank", "low-rank+activation")
@@ -261,9 +261,7 @@ def main(argv=None):
                     save(args, results)
                     del trainer, student
             del teacher
-    results["complete"] = True
-    save(args, results)
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from kn_transformers import DistillationArguments, ILKDTrainer, kngpt2_from_gpt2
 from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.perplexity import sliding_window_perplexity  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, log, save  # noqa: E402  (benchmarks/_study.py)
+from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
 
 
 def parse_args(argv=None):
@@ -257,10 +257,7 @@ def main(argv=None) -> dict:
             log(f"{name}: held-out perplexity {entry['perplexity']:.2f} (teacher {t_ppl:.2f}; {entry['seconds']:.0f} s)")
             save(args, results)
             del trainer, student
-    results["complete"] = True
-    save(args, results)
-    log(f"done in {results['wall_seconds'] / 60:.1f} min: {args.output}")
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":

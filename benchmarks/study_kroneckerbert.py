@@ -60,7 +60,7 @@ from kn_transformers import DistillationArguments, ILKDTrainer, kronecker_bert_f
 from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.glue import get_task, glue_metrics  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, log, save  # noqa: E402  (benchmarks/_study.py)
+from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
 VARIANTS = ("stage1+ILKD", "ILKD", "labels")
 
 
@@ -494,10 +494,7 @@ def main(argv=None) -> dict:
                 save(args, results)
         for task in args.tasks:
             run_task(args, task, args.teacher, tokenizer, stage1_states, results)
-    results["complete"] = True
-    save(args, results)
-    log(f"done in {results['wall_seconds'] / 60:.1f} min: {args.output}")
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":

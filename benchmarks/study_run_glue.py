@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import kn_transformers  # noqa: E402
 from kn_transformers.recipes import run_glue  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, add_threads_arg, log, save  # noqa: E402  (benchmarks/_study.py)
+from _study import DEFAULT_DATA, ROOT, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
 from _tee import cpu_name  # noqa: E402
 
 #: the README example's training flags (besides model, teacher, preset, task and output folder)
@@ -116,10 +116,7 @@ def main(argv=None) -> dict:
                     "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else None,
                     "scores": scores, "runs": runs}
                 save(args, results)
-    results["complete"] = True
-    save(args, results)
-    log(f"done in {results['wall_seconds'] / 60:.1f} min: {args.output}")
-    return results
+    return finish(args, results)
 
 
 if __name__ == "__main__":
