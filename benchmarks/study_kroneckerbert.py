@@ -59,6 +59,7 @@ import kn_transformers  # noqa: E402
 from kn_transformers import DistillationArguments, ILKDTrainer, kronecker_bert_from_bert  # noqa: E402
 from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.glue import get_task, glue_metrics  # noqa: E402
+from kn_transformers.recipes.students import calibration_kwargs  # noqa: E402
 
 from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
 VARIANTS = ("stage1+ILKD", "ILKD", "labels")
@@ -292,9 +293,8 @@ def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_b
     """General distillation of the pretrained encoder; returns the student's encoder state dict."""
     set_seed(args.seed)
     teacher = BertModel.from_pretrained(teacher_path)
-    init = {}
-    if args.stage1_init == "activation":  # calibrated on training blocks, never the held-out ones
-        init = dict(init="activation", calibration_data=default_data_collator(train_blocks[:args.calibration_samples]))
+    # activation-aware: calibrated on training blocks, never the held-out ones
+    init = calibration_kwargs(args.stage1_init, train_blocks, args.calibration_samples, default_data_collator)
     student = kronecker_bert_from_bert(teacher, preset=preset, head="base", progress=False, **init)
     dargs = training_args(DistillationArguments, args, f"stage1-{preset}", args.stage1_steps, args.stage1_lr,
                           args.stage1_batch_size, distill_preset=args.stage1_preset, logits_weight=0.0,
@@ -408,11 +408,9 @@ def train_student(args, task, preset, variant, seed, teacher, teacher_score, tra
                   tokenizer, collate, steps, batch, metric) -> dict:
     """One stage-2 run of ``variant`` with ``seed``: its dev score and what its trainer logged."""
     set_seed(seed)
-    init = {}
-    init_kind = args.labels_init if variant == "labels" else args.init
-    if init_kind == "activation" and variant != "stage1+ILKD":  # calibrated on training rows, never dev
-        rows = [{k: v for k, v in e.items() if k != "labels"} for e in train_set[:args.calibration_samples]]
-        init = dict(init="activation", calibration_data=collate(rows))
+    # stage1+ILKD's encoder is replaced by its stage-1 state below; the others calibrate on training rows, never dev
+    init = {} if variant == "stage1+ILKD" else calibration_kwargs(
+        args.labels_init if variant == "labels" else args.init, train_set, args.calibration_samples, collate)
     student = kronecker_bert_from_bert(teacher, preset=preset, progress=False, **init)
     if variant == "stage1+ILKD":
         missing, unexpected = student.bert.load_state_dict(stage1_states[preset], strict=False)

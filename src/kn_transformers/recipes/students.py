@@ -84,15 +84,15 @@ def check_init(init: str, allowed=INITS) -> None:
 
 def calibration_kwargs(init: str, rows, samples: int, collate) -> dict:
     """The converter's keyword arguments for ``init``: none for ``"svd"``; for ``"activation"``
-    the first ``samples`` of ``rows`` (a tokenised ``datasets.Dataset``, training data only, never
-    the evaluation text) as one batch made by ``collate``."""
+    the model inputs of the first ``samples`` of ``rows`` (a tokenised ``datasets.Dataset`` or a
+    list of feature dicts; training data only, never the evaluation text) as one batch made by
+    ``collate``."""
     check_init(init)
     if init == "svd":
         return {}
     if rows is None or len(rows) == 0:
         raise ValueError("--init activation calibrates on training rows, but there are none")
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows.column_names]
-    picked = rows.select(range(min(samples, len(rows))))
+    picked = rows.select(range(min(samples, len(rows)))) if hasattr(rows, "select") else rows[:samples]
+    keys = ("input_ids", "attention_mask", "token_type_ids")
     return dict(init="activation", calibration_samples=None,
-                calibration_data=collate([{k: r[k] for k in keys} for r in picked]))
-
+                calibration_data=collate([{k: r[k] for k in keys if k in r} for r in picked]))
