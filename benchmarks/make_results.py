@@ -65,6 +65,11 @@ def noise_band(metric: str, score: float, n: int) -> float:
     return 2 / n ** 0.5
 
 
+def two_standard_errors(a: list[float], b: list[float]) -> float:
+    """Two standard errors of the difference of the means of two sets of seeds' scores."""
+    return 2 * (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+
+
 # -- study 1 ------------------------------------------------------------------------------------
 
 
@@ -255,7 +260,7 @@ def ablation_reading(d: Optional[dict]) -> list[str]:
         binomial (dev-set) noise of one run."""
         sa, sb = runs.get((t, p, a)), runs.get((t, p, b))
         if sa and sb and len(sa) > 1 and len(sb) > 1:
-            return 2 * (statistics.variance(sa) / len(sa) + statistics.variance(sb) / len(sb)) ** 0.5
+            return two_standard_errors(sa, sb)
         return band.get(t, 0)
     pairs = sorted({(t, p) for t, p, *_ in rows})
 
@@ -864,12 +869,14 @@ def run_glue_section(d: Optional[dict]) -> list[str]:
         return out + ["Not run yet: `benchmarks/study_run_glue.py` writes `benchmarks/results/run_glue_readme.json`.", ""]
     env = d["environment"]
     t = d["teacher"]
+    majority = max(constant_scores(d["task"], {"metric": "accuracy"}), default=None)
     out += [f"`{d['command']}` ({fmt_s(d.get('wall_seconds'))}, {env.get('cpu', '?')}, torch threads "
             f"{env['threads']}, {env['date']}). Teacher: the bundled MiniLM-L6-H384 fine-tuned by `run_glue.py` on the "
             f"first {d['train_rows']:,} {TASK_LABEL.get(d['task'], d['task'])} training rows, dev accuracy {t['accuracy']:.4f}. Each "
             f"student: `{d['readme_flags']}` on the same rows, `--preset P`, with `--teacher_model_name_or_path` "
             "(every other setting `run_glue`'s default: the recommended recipe) or without it (labels alone); "
-            f"seeds {d['seeds']}, mean ± standard deviation of the dev accuracy (majority class 0.5092).", ""]
+            f"seeds {d['seeds']}, mean ± standard deviation of the dev accuracy"
+            + (f" (majority class {majority:.4f})." if majority is not None else "."), ""]
     if not d.get("complete"):
         out += ["**Partial run**: missing rows were not measured.", ""]
     out += ["| preset | recipe (with teacher) | labels alone | difference | two standard errors | retention (recipe) |",
@@ -880,7 +887,7 @@ def run_glue_section(d: Optional[dict]) -> list[str]:
                  for x in (r, lab)]
         if r and lab and r["std"] is not None and lab["std"] is not None:
             diff = r["mean"] - lab["mean"]
-            se2 = 2 * (r["std"] ** 2 / len(r["scores"]) + lab["std"] ** 2 / len(lab["scores"])) ** 0.5
+            se2 = two_standard_errors(r["scores"], lab["scores"])
             cells += [f"{diff:+.4f}", f"{se2:.4f} ({'beyond' if diff > se2 else 'within'} noise)"]
         else:
             cells += ["", ""]
@@ -892,7 +899,7 @@ def run_glue_section(d: Optional[dict]) -> list[str]:
 def main(argv=None) -> str:
     args = parse_args(argv)
     _DOC_DIR[0] = os.path.dirname(os.path.abspath(args.output))
-    # the main ablation, then any further runs of it (other budgets), kroneckerbert_ablation_<name>.json
+    # every run of the ablation, kroneckerbert_ablation*.json
     names = sorted(f[:-5] for f in os.listdir(args.results_dir)
                    if f.startswith("kroneckerbert_ablation") and f.endswith(".json"))
     # the headline is the recommended recipe's run; the rest are earlier runs, oldest recipe first
