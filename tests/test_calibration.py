@@ -354,3 +354,13 @@ def test_paper_converters_take_activation_init_and_a_budget():
     assert {r.init for r in kn.compression_report.modules if r.rank > 0} == {"activation"}
     with torch.no_grad():
         assert torch.isfinite(kn(gids[:2]).logits).all()
+    # with a budget, rank is the planner's ceiling: above what the presets' splits hold (factor 2: 2,
+    # kroneckerbert8's 2x2 B: 4), the preset only selects the matrices
+    kn = kngpt2_from_gpt2(gpt2, preset="paper", budget=0.5, rank=8, init="activation", calibration_data=gids,
+                          progress=False)
+    report = kn.compression_report  # (it also lists the paper's untouched even layers, rank 0)
+    assert sum(r.params_after for r in report.modules if r.rank > 0) <= report.budget
+    assert max(r.rank for r in report.modules) > 2
+    wide = kronecker_bert_from_bert(teacher, preset="kroneckerbert8", budget=0.3, rank=8, init="activation",
+                                    calibration_data=ids, progress=False)
+    assert sum(r.params_after for r in wide.compression_report.modules) <= wide.compression_report.budget

@@ -248,7 +248,9 @@ def kngpt2_from_gpt2(
             logger.warning(f"tokenizer has {n_tok} tokens, the teacher's vocabulary {vocab} rows (padded vocabulary?)")
     if init not in ("svd", "activation"):
         raise ValueError(f"init must be 'svd' or 'activation', got {init!r}")
-    config = kngpt2_config_from_gpt2(tconf, preset, target_fraction, normalize, **overrides)
+    # with a budget, ``rank`` is the planner's ceiling, not every split's rank (a factor-2 split holds at most 2)
+    selection = {k: v for k, v in overrides.items() if budget is None or k != "rank"}
+    config = kngpt2_config_from_gpt2(tconf, preset, target_fraction, normalize, **selection)
     t_model = teacher_lm.transformer
     targets = {name: t_model.get_submodule(name) for name in config.kronecker_factors or {}}
     statistics = calibrate(teacher_lm, targets, init, calibration_data, calibration_samples, progress)

@@ -431,7 +431,9 @@ def kronecker_bert_from_bert(
                                     num_threads, overrides, calibration)
         return (student, student.compression_report) if return_report else student
     head = _resolve_head(teacher, head)
-    config = kronecker_bert_config(teacher.config, preset, target_fraction, **overrides)
+    # with a budget, ``rank`` is the planner's ceiling, not every split's rank (a 2x2 B holds at most 4)
+    selection = {k: v for k, v in overrides.items() if budget is None or k != "rank"}
+    config = kronecker_bert_config(teacher.config, preset, target_fraction, **selection)
     t_base = teacher.base_model
     targets = {name: t_base.get_submodule(name) for name in config.kronecker_factors}
     statistics = calibrate(teacher, targets, init, calibration_data, calibration_samples, progress)
@@ -442,7 +444,7 @@ def kronecker_bert_from_bert(
                                        max_rank=overrides.get("rank", 1), damping=damping,
                                        statistics=statistics, progress=progress)
         config = kronecker_bert_config(teacher.config, preset, target_fraction, **{
-            **overrides, "kronecker_factors": {n: {"a_shape": e["a_shape"], "rank": e["rank"]}
+            **selection, "kronecker_factors": {n: {"a_shape": e["a_shape"], "rank": e["rank"]}
                                                for n, e in planned.items()}})
     student_cls = HEADS[head][1]
     ref = next(teacher.parameters())
