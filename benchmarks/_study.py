@@ -1,10 +1,13 @@
-"""What the accuracy studies share: paths, timestamped logging, the progress callback, the
-``--threads`` option and the atomic JSON save."""
+"""What the accuracy studies share: paths, timestamped logging, the progress and plateau
+callbacks, the WikiText-2 token stream, the ``--threads`` option and the atomic JSON save."""
 
 import json
 import os
 import time
+from collections import Counter
+from typing import Optional
 
+import torch
 from transformers import TrainerCallback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +25,50 @@ class Progress(TrainerCallback):
         if logs and "loss" in logs:
             extra = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k.startswith("loss_"))
             log(f"    step {state.global_step}/{state.max_steps} loss={logs['loss']:.4g} {extra}")
+
+
+def wikitext_token_streams(data_dir: str, tokenizer, heldout: float = 0.05,
+                           vocab: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The WikiText-2 validation text as one GPT-2 BPE token stream, split into (training ids,
+    the last ``heldout`` fraction). With ``vocab``, ids are renumbered to the ``vocab - 1`` most
+    frequent *training* tokens (0 = most frequent) and every other token becomes id ``vocab - 1``:
+    a small model then spends its parameters and time on layers, not on a 50,257-row head."""
+    with open(os.path.join(data_dir, "wikitext-2", "valid.txt")) as f:
+        lines = f.readlines()
+    ids = [i for seq in tokenizer(lines)["input_ids"] for i in seq]
+    cut = int(len(ids) * (1 - heldout))
+    if vocab:
+        remap = {t: i for i, (t, _) in enumerate(Counter(ids[:cut]).most_common(vocab - 1))}
+        ids = [remap.get(t, vocab - 1) for t in ids]
+    ids = torch.tensor(ids, dtype=torch.long)
+    return ids[:cut], ids[cut:]
+
+
+class Plateau(TrainerCallback):
+    """Scores the model every ``every`` steps, keeps the best state, stops after ``patience``
+    scores without improvement; ``curve`` is [(step, score), ...]."""
+
+    def __init__(self, score, model, every: int, patience: int):
+        self.score, self.model, self.every, self.patience = score, model, every, patience
+        self.curve, self.best, self.best_step, self.best_state, self.bad = [], -float("inf"), 0, None, 0
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        value = self.score()
+        self.model.train()
+        self.curve.append((state.global_step, value))
+        if value > self.best:
+            self.best, self.best_step, self.bad = value, state.global_step, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                control.should_training_stop = True
+
+    def restore(self):
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
 
 
 def add_threads_arg(parser) -> None:

@@ -35,7 +35,6 @@ import random
 import sys
 import tempfile
 import time
-from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,7 +61,7 @@ from kn_transformers.core.kroneckerize import _targets  # noqa: E402
 from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.perplexity import sliding_window_perplexity  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, add_threads_arg, finish, log, save  # noqa: E402
+from _study import DEFAULT_DATA, ROOT, add_threads_arg, finish, log, save, wikitext_token_streams  # noqa: E402
 from low_rank import low_rank_model  # noqa: E402
 
 METHODS = ("svd", "activation", "activation+budget", "low-rank", "low-rank+activation")
@@ -103,14 +102,7 @@ def targs(cls, args, name, steps, lr, batch=None, **extra):
 
 def gpt2_setup(args):
     tok = AutoTokenizer.from_pretrained(os.path.join(args.data_dir, "gpt2-tokenizer"))
-    with open(os.path.join(args.data_dir, "wikitext-2", "valid.txt")) as f:
-        lines = f.readlines()
-    ids = [i for seq in tok(lines)["input_ids"] for i in seq]
-    cut = int(len(ids) * 0.95)
-    keep = [t for t, _ in Counter(ids[:cut]).most_common(args.vocab - 1)]
-    remap = {t: i for i, t in enumerate(keep)}
-    ids = torch.tensor([remap.get(t, args.vocab - 1) for t in ids])
-    train, held = ids[:cut], ids[cut:]
+    train, held = wikitext_token_streams(args.data_dir, tok, heldout=0.05, vocab=args.vocab)
     size = 128
     blocks = [{"input_ids": train[i:i + size], "attention_mask": torch.ones(size, dtype=torch.long),
                "labels": train[i:i + size]} for i in range(0, train.numel() - size + 1, size)]

@@ -48,7 +48,6 @@ from transformers import (  # noqa: E402
     BertModel,
     DataCollatorWithPadding,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
@@ -61,7 +60,7 @@ from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.glue import get_task, glue_metrics  # noqa: E402
 from kn_transformers.recipes.students import calibration_kwargs  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
+from _study import DEFAULT_DATA, ROOT, Plateau, Progress, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
 VARIANTS = ("stage1+ILKD", "ILKD", "labels")
 
 
@@ -220,33 +219,6 @@ def evaluate(model, examples, task: str, tokenizer, batch_size: int) -> dict:
             preds[j] = p
     labels = [e["labels"] for e in examples]
     return glue_metrics(task, preds, labels)
-
-
-class Plateau(TrainerCallback):
-    """Scores the model every ``every`` steps, keeps the best state, stops after ``patience``
-    scores without improvement; ``curve`` is [(step, score), ...]."""
-
-    def __init__(self, score, model, every: int, patience: int):
-        self.score, self.model, self.every, self.patience = score, model, every, patience
-        self.curve, self.best, self.best_step, self.best_state, self.bad = [], -float("inf"), 0, None, 0
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step % self.every and state.global_step != state.max_steps:
-            return
-        value = self.score()
-        self.model.train()
-        self.curve.append((state.global_step, value))
-        if value > self.best:
-            self.best, self.best_step, self.bad = value, state.global_step, 0
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        else:
-            self.bad += 1
-            if self.bad >= self.patience:
-                control.should_training_stop = True
-
-    def restore(self):
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
 
 
 def train(trainer) -> float:
