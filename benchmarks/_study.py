@@ -3,6 +3,8 @@ callbacks, the WikiText-2 token stream, the ``--threads`` option and the atomic 
 
 import json
 import os
+import shlex
+import sys
 import time
 from collections import Counter
 from typing import Optional
@@ -69,6 +71,12 @@ class Plateau(TrainerCallback):
     def restore(self):
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command that reproduces this run, quoted for a shell (an empty argument stays ``''``)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return f"HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/{script} {shlex.join(args)}".rstrip()
 
 
 def add_threads_arg(parser) -> None:

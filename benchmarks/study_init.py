@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import random
-import sys
 import tempfile
 import time
 
@@ -61,7 +60,16 @@ from kn_transformers.core.kroneckerize import _targets  # noqa: E402
 from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.perplexity import sliding_window_perplexity  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, add_threads_arg, finish, log, save, wikitext_token_streams  # noqa: E402
+from _study import (  # noqa: E402  (benchmarks/_study.py)
+    DEFAULT_DATA,
+    ROOT,
+    add_threads_arg,
+    command_line,
+    finish,
+    log,
+    save,
+    wikitext_token_streams,
+)
 from low_rank import low_rank_model  # noqa: E402
 
 METHODS = ("svd", "activation", "activation+budget", "low-rank", "low-rank+activation")
@@ -197,8 +205,7 @@ def main(argv=None):
     args.t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
-    results = {"study": "init_study", "command": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_init.py "
-               + " ".join(sys.argv[1:] if argv is None else argv),
+    results = {"study": "init_study", "command": command_line("study_init.py", argv),
                "budgets": {k: getattr(args, k) for k in ("fractions", "max_rank", "calibration_samples", "ilkd_steps",
                                                          "ilkd_lr", "batch_size", "ilkd_batch_size", "vocab", "gpt2_steps",
                                                          "minilm_steps", "sst2_rows", "seed")},

