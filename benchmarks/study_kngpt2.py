@@ -5,26 +5,33 @@
 What it measures:
 
 1. a GPT-2 teacher (default 6 layers x 384, 6 heads, 128 positions, tied head) trained from
-   scratch here on the WikiText-2 validation text tokenised with the real GPT-2 BPE; the last
-   ``--heldout`` of the token stream is kept out of all training and used for evaluation;
-2. two students of (almost exactly) equal *total* parameter count, LM head counted, each
-   trained on the same token budget (same steps, batch, blocks, learning rate, seed):
-   - ``KnGPT2``: the teacher's depth, every layer's four matrices (``c_attn``, ``c_proj``,
+   scratch here on the WikiText-2 validation text tokenised with the real GPT-2 BPE, its
+   vocabulary cut to the ``--vocab`` most frequent training tokens (the rest share one "other"
+   id: with all 50,257 rows the tied embedding/head is ~2/3 of the model and of the compute,
+   and the teacher barely gets past unigram statistics in the time a study has). The last
+   ``--heldout`` of the token stream is kept out of all training and used for evaluation; the
+   ``--validation`` fraction before it decides when the teacher has stopped improving (its best
+   state is kept). At each check the study also scores the teacher's own half-depth copy: how
+   much depth is worth, i.e. the room a half-size student has to win;
+2. students of (almost exactly) equal *total* parameter count, LM head counted, each trained on
+   the same token budget (same steps, batch, blocks, learning rate, seed):
+   - ``distilgpt2_style``: half the layers, initialised from the teacher's layers 0, 2, 4 plus
+     its embeddings, positions, final LayerNorm and (tied) head; distilled with logits KD + LM
+     loss only (all intermediate weights 0, as DistilGPT2's soft-target + LM objective);
+   - ``kngpt2``: the teacher's depth, every layer's four matrices (``c_attn``, ``c_proj``,
      ``c_fc``, ``mlp.c_proj``) replaced by Kronecker factors at factor 2 (``A (out, in/2) ⊗
-     B (1, 2)``, the paper's rule, via ``kngpt2_from_gpt2(teacher, preset="paper",
-     layers=all, embedding=False)``); the token embedding stays dense and tied to the head.
-     Why this choice: the 50,257-row tied embedding/head is ~2/3 of a 6x384 model, so a
-     3-layer student's size is embedding + 3 dense layers; 6 layers at half size match it to
-     within the per-layer biases and LayerNorms. Compressing the embedding instead (the paper's
-     ``A (V, d/2) ⊗ B (1, 2)``) would free ~9.7M parameters that cannot be spent anywhere at
-     this width, so the Kronecker student would be smaller, not equal. Distilled with ILKD
-     (``distill_preset="kngpt2"``: embedding and per-layer hidden MSE, attention KL, logits KL,
-     LM cross-entropy), layers mapped one to one;
-   - ``DistilGPT2-style``: half the layers, initialised from the teacher's layers 0, 2, 4 plus its
-     embeddings, positions, final LayerNorm and (tied) head; distilled with logits KD + LM loss
-     only (all intermediate weights 0, as DistilGPT2's soft-target + LM objective).
+     B (1, 2)``, the paper's rule and nearest-Kronecker init, via ``kngpt2_from_gpt2(teacher,
+     preset="paper", layers=all, embedding=False)``); the token embedding stays dense and tied
+     to the head, so 6 layers at half size match embedding + 3 dense layers to within the
+     per-layer biases and LayerNorms. Distilled with ILKD (``distill_preset="kngpt2"``:
+     embedding and per-layer hidden MSE, attention KL, logits KL, LM cross-entropy), layers
+     mapped one to one;
+   - ``kngpt2_activation``: the same splits, ``init="activation"`` on ``--calibration_samples``
+     training blocks; the same ILKD;
+   - ``kngpt2_budget``: ``init="activation"`` and ``budget=`` the DistilGPT2-style student's
+     size (splits and ranks up to ``--max_rank`` chosen per matrix); the same ILKD.
 3. held-out perplexity (``sliding_window_perplexity``, windows of ``n_positions``) of the
-   teacher and of both students, and each student's perplexity at ``--curve_points`` points
+   teacher and of every student, and each student's perplexity at ``--curve_points`` points
    of tokens seen (a ``TrainerCallback``).
 
 Writes ``benchmarks/results/kngpt2_vs_distilgpt2.json`` (rewritten after each stage).
@@ -35,7 +42,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 
@@ -61,13 +67,30 @@ from kn_transformers import DistillationArguments, ILKDTrainer, kngpt2_from_gpt2
 from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.perplexity import sliding_window_perplexity  # noqa: E402
 
-from _study import DEFAULT_DATA, ROOT, Progress, add_threads_arg, finish, log, save  # noqa: E402  (benchmarks/_study.py)
+from _study import (  # noqa: E402  (benchmarks/_study.py)
+    DEFAULT_DATA,
+    ROOT,
+    Plateau,
+    Progress,
+    add_threads_arg,
+    command_line,
+    finish,
+    log,
+    save,
+    wikitext_token_streams,
+)
+
+
+STUDENTS = ("distilgpt2_style", "kngpt2", "kngpt2_activation", "kngpt2_budget")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=DEFAULT_DATA, help="folder with wikitext-2/ and gpt2-tokenizer/")
     p.add_argument("--heldout", type=float, default=0.05, help="last fraction of the token stream held out")
+    p.add_argument("--vocab", type=int, default=8192,
+                   help="keep the VOCAB-1 most frequent training tokens, the rest become one 'other' id; 0 = the "
+                        "full 50,257 (then the tied embedding/head is most of the model and of the compute)")
     p.add_argument("--n_layer", type=int, default=6)
     p.add_argument("--n_embd", type=int, default=384)
     p.add_argument("--n_head", type=int, default=6)
@@ -75,27 +98,24 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--teacher_steps", type=int, default=400)
     p.add_argument("--teacher_lr", type=float, default=1e-3)
+    p.add_argument("--validation", type=float, default=0.05,
+                   help="fraction of the stream just before the held-out text: the teacher trains until its "
+                        "perplexity there stops improving (its best state is kept)")
+    p.add_argument("--teacher_eval_every", type=int, default=100)
+    p.add_argument("--teacher_patience", type=int, default=2)
     p.add_argument("--student_steps", type=int, default=150, help="the same for both students (same tokens)")
     p.add_argument("--student_lr", type=float, default=5e-4)
     p.add_argument("--temperature", type=float, default=1.0, help="logits KD temperature, both students")
     p.add_argument("--curve_points", type=int, default=5, help="perplexity evaluations during student training")
     p.add_argument("--ppl_stride", type=int, default=None, help="sliding-window stride; default block_size")
-    p.add_argument("--students", nargs="+", default=["distilgpt2_style", "kngpt2"])
+    p.add_argument("--students", nargs="+", choices=STUDENTS, default=list(STUDENTS))
+    p.add_argument("--calibration_samples", type=int, default=128,
+                   help="training blocks (never held-out text) for the activation-aware students")
+    p.add_argument("--max_rank", type=int, default=64, help="largest rank the budgeted student may choose")
     p.add_argument("--seed", type=int, default=42)
     add_threads_arg(p)
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kngpt2_vs_distilgpt2.json"))
     return p.parse_args(argv)
-
-
-def load_tokens(args, tokenizer) -> torch.Tensor:
-    """The whole WikiText-2 validation text as one GPT-2 token stream (``<unk>`` kept as text)."""
-    with open(os.path.join(args.data_dir, "wikitext-2", "valid.txt")) as f:
-        lines = f.readlines()
-    ids = []
-    for i in range(0, len(lines), 512):
-        for seq in tokenizer(lines[i:i + 512])["input_ids"]:
-            ids.extend(seq)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def blocks(ids: torch.Tensor, size: int) -> list[dict]:
@@ -156,27 +176,32 @@ def main(argv=None) -> dict:
     hf_logging.set_verbosity_error()
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.data_dir, "gpt2-tokenizer"))
-    ids = load_tokens(args, tokenizer)
-    cut = int(ids.numel() * (1 - args.heldout))
-    train_ids, held_ids = ids[:cut], ids[cut:]
+    train_ids, held_ids = wikitext_token_streams(args.data_dir, tokenizer, args.heldout, args.vocab or None)
+    n_tokens = train_ids.numel() + held_ids.numel()
+    n_val = int(n_tokens * args.validation)  # the teacher's early stopping looks here, never at held_ids
+    train_ids, val_ids = train_ids[:-n_val], train_ids[-n_val:]
     train_blocks = blocks(train_ids, args.block_size)
+    # activation-aware students calibrate on the last training blocks (never the held-out text)
+    calibration = torch.stack([b["input_ids"] for b in train_blocks[-args.calibration_samples:]])
     tokens_per_step = args.batch_size * args.block_size
     stride = args.ppl_stride or args.block_size
 
-    def ppl(model) -> float:
-        return sliding_window_perplexity(model, held_ids, max_length=args.block_size, stride=stride,
+    def ppl(model, ids=held_ids) -> float:
+        return sliding_window_perplexity(model, ids, max_length=args.block_size, stride=stride,
                                          batch_size=16, show_progress=False)["perplexity"]
 
     results = {
         "study": "kngpt2_vs_distilgpt2",
-        "command": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_kngpt2.py "
-                   + " ".join(sys.argv[1:] if argv is None else argv),
-        "data": {"source": "wikitext-2/valid.txt, GPT-2 BPE (50,257 tokens)", "tokens": ids.numel(),
-                 "train_tokens": train_ids.numel(), "heldout_tokens": held_ids.numel(),
+        "command": command_line("study_kngpt2.py", argv),
+        "data": {"source": "wikitext-2/valid.txt, GPT-2 BPE " + (
+                     f"cut to its {args.vocab - 1:,} most frequent training tokens + one 'other' id" if args.vocab
+                     else "(50,257 tokens)"), "tokens": n_tokens, "vocab": args.vocab or len(tokenizer),
+                 "train_tokens": train_ids.numel(), "validation_tokens": n_val, "heldout_tokens": held_ids.numel(),
                  "train_blocks": len(train_blocks), "heldout": "last fraction of the token stream"},
         "budgets": {k: getattr(args, k) for k in (
-            "heldout", "n_layer", "n_embd", "n_head", "block_size", "batch_size", "teacher_steps", "teacher_lr",
-            "student_steps", "student_lr", "temperature", "curve_points", "seed")},
+            "heldout", "validation", "vocab", "n_layer", "n_embd", "n_head", "block_size", "batch_size",
+            "teacher_steps", "teacher_eval_every", "teacher_patience", "teacher_lr", "student_steps", "student_lr", "temperature", "curve_points", "calibration_samples",
+            "max_rank", "seed")},
         "perplexity": {"max_length": args.block_size, "stride": stride},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
@@ -184,49 +209,73 @@ def main(argv=None) -> dict:
                         "date": time.strftime("%Y-%m-%d %H:%M:%S")},
         "students": {}, "complete": False,
     }
-    log(f"{ids.numel():,} tokens: {train_ids.numel():,} train ({len(train_blocks)} blocks of {args.block_size}), "
+    log(f"{n_tokens:,} tokens: {train_ids.numel():,} train ({len(train_blocks)} blocks of {args.block_size}), "
         f"{held_ids.numel():,} held out")
 
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         # -- teacher ----------------------------------------------------------------------
-        cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=args.block_size, n_embd=args.n_embd,
-                         n_layer=args.n_layer, n_head=args.n_head, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+        eos = args.vocab - 1 if args.vocab else tokenizer.eos_token_id  # ("other" when the vocabulary is cut)
+        cfg = GPT2Config(vocab_size=args.vocab or len(tokenizer), n_positions=args.block_size, n_embd=args.n_embd,
+                         n_layer=args.n_layer, n_head=args.n_head, bos_token_id=eos, eos_token_id=eos,
+                         tie_word_embeddings=True)
         set_seed(args.seed)
         teacher = GPT2LMHeadModel(cfg)
-        log(f"teacher: GPT-2 {args.n_layer}x{args.n_embd}, {count_parameters(teacher):,} parameters; "
+        log(f"teacher: GPT-2 {args.n_layer}x{args.n_embd}, {count_parameters(teacher):,} parameters; at most "
             f"{args.teacher_steps} steps x {tokens_per_step} tokens")
+        half_depth_curve = []
+
+        def validation_score() -> float:
+            """-(validation perplexity); also records how much the teacher's own half-depth copy
+            (the DistilGPT2-style start) loses at this point: the room a student of this size has."""
+            teacher.eval()
+            t_val = ppl(teacher, val_ids)
+            half_depth_curve.append(ppl(distilgpt2_style(teacher), val_ids))
+            log(f"    validation perplexity {t_val:.2f}, its half-depth copy {half_depth_curve[-1]:.2f}")
+            return -t_val
+
+        plateau = Plateau(validation_score, teacher, args.teacher_eval_every, args.teacher_patience)
         trainer = Trainer(model=teacher, args=training_args(TrainingArguments, args, "teacher", args.teacher_steps,
                                                             args.teacher_lr),
-                          train_dataset=train_blocks, data_collator=default_data_collator, callbacks=[Progress()])
+                          train_dataset=train_blocks, data_collator=default_data_collator,
+                          callbacks=[Progress(), plateau])
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
+        plateau.restore()
         teacher.eval()
         t_ppl = ppl(teacher)
+        steps = plateau.best_step
         results["teacher"] = {"parameters": count_parameters(teacher), "perplexity": t_ppl, "seconds": seconds,
-                              "tokens_seen": args.teacher_steps * tokens_per_step,
-                              "epochs": args.teacher_steps * args.batch_size / len(train_blocks)}
-        log(f"teacher held-out perplexity {t_ppl:.2f} ({seconds:.0f} s)")
+                              "steps": steps, "tokens_seen": steps * tokens_per_step,
+                              "epochs": steps * args.batch_size / len(train_blocks),
+                              "validation_curve": [{"step": st, "perplexity": -v, "half_depth_perplexity": h}
+                                                   for (st, v), h in zip(plateau.curve, half_depth_curve)]}
+        log(f"teacher: best validation at step {steps}; held-out perplexity {t_ppl:.2f} ({seconds:.0f} s)")
         save(args, results)
         del trainer
 
         # -- students ---------------------------------------------------------------------
         every = max(args.student_steps // args.curve_points, 1)
+        equal_size = count_parameters(distilgpt2_style(teacher))  # the size every student matches
         for name in args.students:
             set_seed(args.seed)
             try:
                 teacher.set_attn_implementation("sdpa")
             except Exception:  # noqa: BLE001 - eager works too
                 pass
-            if name == "kngpt2":
+            if name.startswith("kngpt2"):
+                init = {"kngpt2": {}, "kngpt2_activation": {"init": "activation"},
+                        "kngpt2_budget": {"init": "activation", "budget": equal_size, "rank": args.max_rank}}[name]
                 student = kngpt2_from_gpt2(teacher, preset="paper", layers=range(args.n_layer), embedding=False,
-                                           progress=False)
+                                           calibration_data=calibration if init else None, progress=False, **init)
                 dargs = training_args(DistillationArguments, args, name, args.student_steps, args.student_lr,
                                       distill_preset="kngpt2", temperature=args.temperature)
-                recipe = ("kngpt2_from_gpt2(teacher, preset='paper', layers=all, embedding=False): every layer's "
-                          "4 matrices at factor 2, dense wte tied to the head; ILKD distill_preset='kngpt2'")
+                recipe = ("kngpt2_from_gpt2(teacher, preset='paper', layers=all, embedding=False"
+                          + "".join(f", {k}={v!r}" for k, v in init.items()) + "): "
+                          + ("every layer's 4 matrices at factor 2" if "budget" not in init else
+                             "every layer's 4 matrices, splits and ranks chosen under the DistilGPT2-style size")
+                          + ", dense wte tied to the head; ILKD distill_preset='kngpt2'")
             elif name == "distilgpt2_style":
                 student = distilgpt2_style(teacher)
                 # the intermediate terms are off, so the layer map is never used; "uniform" because the
