@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -202,7 +203,7 @@ def main(argv=None):
         result = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
                   "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
                   "repeats": args.repeats, "rounds": args.rounds,
-                  "command_line": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python " + " ".join(sys.argv)}
+                  "command_line": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python " + shlex.join(sys.argv)}
         result.update(latency(args, build_models(), folder))
         if not args.skip_accuracy:
             result["int8_accuracy"] = int8_accuracy(args, folder)

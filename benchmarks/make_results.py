@@ -738,9 +738,6 @@ def onnx_section(d: Optional[dict]) -> list[str]:
                 f"int8 {acc['ort-int8_accuracy']:.4f}; int8 and fp32 predict the same class for "
                 f"{100 * acc['int8_agreement_with_fp32']:.1f}% of the sentences; ONNX file "
                 f"{acc['bytes_fp32'] / 2**20:.1f} MiB fp32, {acc['bytes_int8'] / 2**20:.1f} MiB int8."]
-        if "command_line" in acc:  # re-measured on its own after the latency rows
-            doc += ["", f"The int8 check was re-run on its own ({acc['cpu']}, {acc['minutes']:.1f} min):", "",
-                    "```bash", acc["command_line"], "```"]
     return doc + [""]
 
 
