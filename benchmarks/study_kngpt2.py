@@ -96,14 +96,15 @@ def parse_args(argv=None):
     p.add_argument("--n_head", type=int, default=6)
     p.add_argument("--block_size", type=int, default=128, help="= n_positions; training blocks and eval windows")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--teacher_steps", type=int, default=400)
+    p.add_argument("--teacher_steps", type=int, default=1200,
+                   help="at most this many (the learning rate decays linearly over them); early stopping decides")
     p.add_argument("--teacher_lr", type=float, default=1e-3)
     p.add_argument("--validation", type=float, default=0.05,
                    help="fraction of the stream just before the held-out text: the teacher trains until its "
                         "perplexity there stops improving (its best state is kept)")
     p.add_argument("--teacher_eval_every", type=int, default=100)
     p.add_argument("--teacher_patience", type=int, default=2)
-    p.add_argument("--student_steps", type=int, default=150, help="the same for both students (same tokens)")
+    p.add_argument("--student_steps", type=int, default=150, help="the same for every student (same tokens)")
     p.add_argument("--student_lr", type=float, default=5e-4)
     p.add_argument("--temperature", type=float, default=1.0, help="logits KD temperature, both students")
     p.add_argument("--curve_points", type=int, default=5, help="perplexity evaluations during student training")
@@ -115,7 +116,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     add_threads_arg(p)
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "kngpt2_vs_distilgpt2.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.validation < 1 - args.heldout:
+        p.error("--validation must be a fraction in (0, 1 - heldout): the teacher's early stopping needs it")
+    return args
 
 
 def blocks(ids: torch.Tensor, size: int) -> list[dict]:
