@@ -147,6 +147,8 @@ def other_run_title(name: str, d: dict, headline: Optional[dict]) -> str:
     extra = ""
     if headline and b.get("presets") != headline["budgets"].get("presets"):
         extra += f", {' and '.join(b['presets'])} only"
+    if headline and b.get("train_rows") != headline["budgets"].get("train_rows"):
+        extra += ", " + ", ".join(f"{TASK_LABEL.get(t, t)} {n:,} training rows" for t, n in b["train_rows"].items())
     if headline and b.get("student_steps") != headline["budgets"].get("student_steps"):
         extra += ", " + ", ".join(f"{TASK_LABEL.get(t, t)} {n} student steps" for t, n in b["student_steps"].items())
     return (f"{when}: `{name}.json`, stage-2 preset `{b.get('stage2_preset', 'kroneckerbert')}`"
