@@ -137,7 +137,7 @@ HEADLINE_ABLATION = "kroneckerbert_ablation_sst2_recommended"
 
 def other_run_title(name: str, d: dict, headline: Optional[dict]) -> str:
     """A heading that says what another ablation run changed: its stage-2 losses, init, seeds and,
-    where they differ from the headline run's, its presets and student steps."""
+    where they differ from the headline run's, its presets, training rows and student steps."""
     b = d["budgets"]
     date = d.get("environment", {}).get("date", "")
     when = "Later run" if headline and date > headline.get("environment", {}).get("date", "") else "Earlier run"
@@ -147,10 +147,9 @@ def other_run_title(name: str, d: dict, headline: Optional[dict]) -> str:
     extra = ""
     if headline and b.get("presets") != headline["budgets"].get("presets"):
         extra += f", {' and '.join(b['presets'])} only"
-    if headline and b.get("train_rows") != headline["budgets"].get("train_rows"):
-        extra += ", " + ", ".join(f"{TASK_LABEL.get(t, t)} {n:,} training rows" for t, n in b["train_rows"].items())
-    if headline and b.get("student_steps") != headline["budgets"].get("student_steps"):
-        extra += ", " + ", ".join(f"{TASK_LABEL.get(t, t)} {n} student steps" for t, n in b["student_steps"].items())
+    for key, unit in (("train_rows", "training rows"), ("student_steps", "student steps")):
+        if headline and b.get(key) != headline["budgets"].get(key):
+            extra += ", " + ", ".join(f"{TASK_LABEL.get(t, t)} {n:,} {unit}" for t, n in b[key].items())
     return (f"{when}: `{name}.json`, stage-2 preset `{b.get('stage2_preset', 'kroneckerbert')}`"
             f"{f' ({weights})' if weights else ''}, {b.get('init', 'svd')} init, "
             f"{len(b.get('seeds') or [b.get('seed')])} seed(s){extra}")
@@ -522,8 +521,8 @@ def kngpt2_reading(d: Optional[dict]) -> list[str]:
         lines.append(f"- Room: the DistilGPT2-style student ends *below* its teacher's perplexity ({g['perplexity']:.2f} "
                      f"vs {t['perplexity']:.2f}; every student does, likely because they train at a learning rate "
                      "decaying to zero, which the early-stopped teacher never did): half the depth costs nothing "
-                     "that its training does not win back here, so a student of the same size has nothing left to win by keeping the depth; beating it "
-                     f"by {KNGPT2_TARGET:.0%} would take a student {KNGPT2_TARGET:.0%} better than its teacher.")
+                     "that its training does not win back here, so a student of the same size has nothing left to "
+                     f"win by keeping the depth; beating it by {KNGPT2_TARGET:.0%} would take a student {KNGPT2_TARGET:.0%} better than its teacher.")
     else:
         lines.append(f"- Room: the DistilGPT2-style student ends at {g['perplexity'] / t['perplexity']:.2f}x the "
                      f"teacher's perplexity ({t['perplexity']:.2f}); a student that matched the teacher exactly would "
@@ -943,10 +942,10 @@ def run_glue_section(d: Optional[dict]) -> list[str]:
 def main(argv=None) -> str:
     args = parse_args(argv)
     _DOC_DIR[0] = os.path.dirname(os.path.abspath(args.output))
-    # every run of the ablation: kroneckerbert_ablation*.json, and kroneckerbert21_ablation*.json (one preset)
+    # every run of the ablation: kroneckerbert_ablation*.json, and kroneckerbert{8,21}_ablation*.json (one preset)
     names = sorted(f[:-5] for f in os.listdir(args.results_dir)
                    if f.startswith("kroneckerbert") and "_ablation" in f and f.endswith(".json"))
-    # the headline is the recommended recipe's run; the rest are earlier runs, oldest recipe first
+    # the headline is the recommended recipe's run; the other runs follow in name order
     names = ([HEADLINE_ABLATION] if HEADLINE_ABLATION in names else []) + [
         n for n in names if n != HEADLINE_ABLATION]
     abls = [(n, load(os.path.join(args.results_dir, n + ".json"))) for n in names]
