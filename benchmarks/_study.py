@@ -46,6 +46,13 @@ def wikitext_token_streams(data_dir: str, tokenizer, heldout: float = 0.05,
     return ids[:cut], ids[cut:]
 
 
+def lm_blocks(ids: torch.Tensor, size: int) -> list[dict]:
+    """Consecutive ``size``-token training rows of a token stream (the tail shorter than ``size``
+    is dropped), labels = inputs, as a causal LM's ``Trainer`` takes them."""
+    return [{"input_ids": ids[i:i + size], "attention_mask": torch.ones(size, dtype=torch.long),
+             "labels": ids[i:i + size]} for i in range(0, ids.numel() - size + 1, size)]
+
+
 class Plateau(TrainerCallback):
     """Scores the model every ``every`` steps, keeps the best state, stops after ``patience``
     scores without improvement; ``curve`` is [(step, score), ...]."""

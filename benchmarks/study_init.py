@@ -66,6 +66,7 @@ from _study import (  # noqa: E402  (benchmarks/_study.py)
     add_threads_arg,
     command_line,
     finish,
+    lm_blocks,
     log,
     save,
     wikitext_token_streams,
@@ -112,8 +113,7 @@ def gpt2_setup(args):
     tok = AutoTokenizer.from_pretrained(os.path.join(args.data_dir, "gpt2-tokenizer"))
     train, held = wikitext_token_streams(args.data_dir, tok, heldout=0.05, vocab=args.vocab)
     size = 128
-    blocks = [{"input_ids": train[i:i + size], "attention_mask": torch.ones(size, dtype=torch.long),
-               "labels": train[i:i + size]} for i in range(0, train.numel() - size + 1, size)]
+    blocks = lm_blocks(train, size)
     calib = torch.stack([b["input_ids"] for b in blocks[-args.calibration_samples:]])  # not the held-out text
     cfg = GPT2Config(vocab_size=args.vocab, n_positions=size, n_embd=256, n_layer=4, n_head=4,
                      bos_token_id=args.vocab - 1, eos_token_id=args.vocab - 1, tie_word_embeddings=True)

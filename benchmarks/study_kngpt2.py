@@ -75,6 +75,7 @@ from _study import (  # noqa: E402  (benchmarks/_study.py)
     add_threads_arg,
     command_line,
     finish,
+    lm_blocks,
     log,
     save,
     wikitext_token_streams,
@@ -120,12 +121,6 @@ def parse_args(argv=None):
     if not 0 < args.validation < 1 - args.heldout:
         p.error("--validation must be a fraction in (0, 1 - heldout): the teacher's early stopping needs it")
     return args
-
-
-def blocks(ids: torch.Tensor, size: int) -> list[dict]:
-    n = ids.numel() // size
-    return [{"input_ids": ids[i * size:(i + 1) * size], "attention_mask": torch.ones(size, dtype=torch.long),
-             "labels": ids[i * size:(i + 1) * size]} for i in range(n)]
 
 
 def training_args(cls, args, name: str, steps: int, lr: float, **extra):
@@ -184,7 +179,7 @@ def main(argv=None) -> dict:
     n_tokens = train_ids.numel() + held_ids.numel()
     n_val = int(n_tokens * args.validation)  # the teacher's early stopping looks here, never at held_ids
     train_ids, val_ids = train_ids[:-n_val], train_ids[-n_val:]
-    train_blocks = blocks(train_ids, args.block_size)
+    train_blocks = lm_blocks(train_ids, args.block_size)
     # activation-aware students calibrate on the last training blocks (never the held-out text)
     calibration = torch.stack([b["input_ids"] for b in train_blocks[-args.calibration_samples:]])
     tokens_per_step = args.batch_size * args.block_size
@@ -204,8 +199,8 @@ def main(argv=None) -> dict:
                  "train_blocks": len(train_blocks), "heldout": "last fraction of the token stream"},
         "budgets": {k: getattr(args, k) for k in (
             "heldout", "validation", "vocab", "n_layer", "n_embd", "n_head", "block_size", "batch_size",
-            "teacher_steps", "teacher_eval_every", "teacher_patience", "teacher_lr", "student_steps", "student_lr", "temperature", "curve_points", "calibration_samples",
-            "max_rank", "seed")},
+            "teacher_steps", "teacher_eval_every", "teacher_patience", "teacher_lr", "student_steps", "student_lr",
+            "temperature", "curve_points", "calibration_samples", "max_rank", "seed")},
         "perplexity": {"max_length": args.block_size, "stride": stride},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
