@@ -351,6 +351,24 @@ def dense_params_of(targets: dict[str, nn.Module]) -> int:
     return sum(dispatch_for(m).weight(m).numel() for m in targets.values())
 
 
+def plan_model_budget(model: nn.Module, targets: dict[str, nn.Module], budget: Union[int, float], *,
+                      extra_fixed: int = 0, **plan_kwargs) -> tuple[dict[str, dict], int]:
+    """:func:`plan_budget` for the whole ``model``: an int budget first pays for every parameter
+    that is not a target's weight, plus ``extra_fixed`` (parameters the conversion adds, e.g. an
+    untied copy of a tied head). ``plan_kwargs``: ``max_rank``, ``damping``, ``statistics``, ``progress``."""
+    fixed = count_parameters(model) - dense_params_of(targets) + extra_fixed
+    return plan_budget(targets, budget, fixed_params=fixed, **plan_kwargs)
+
+
+def total_up(report: CompressionReport, teacher: nn.Module, student: nn.Module,
+             budget: Union[int, float, None] = None) -> None:
+    """Fill ``report``'s teacher and student totals; a student over an int ``budget`` is an error."""
+    report.total_params_before = count_parameters(teacher)
+    report.total_params_after = count_parameters(student)
+    if isinstance(budget, int) and report.total_params_after > budget:
+        raise RuntimeError(f"the student has {report.total_params_after:,} parameters, over the budget of {budget:,}")
+
+
 def calibrate(model: nn.Module, targets: dict[str, nn.Module], init: str, calibration_data,
               calibration_samples: Optional[int], progress: bool = True) -> dict[str, InputStatistics]:
     """The targets' :class:`InputStatistics` for ``init="activation"`` (``{}`` for the other inits);
@@ -425,10 +443,9 @@ def kroneckerize(
     if config.budget is not None:
         embedding_targeted = any(dispatch_for(m).kind == "embedding" for m in targets.values())
         untied = tied_name is not None and embedding_targeted and config.tied_head == "dense"
-        fixed = (count_parameters(model) - dense_params_of(targets)
-                 + (model.get_input_embeddings().weight.numel() if untied else 0))
-        modules, report.budget = plan_budget(targets, config.budget, fixed_params=fixed, max_rank=config.rank,
-                                             damping=config.damping, statistics=statistics, progress=progress)
+        modules, report.budget = plan_model_budget(
+            model, targets, config.budget, extra_fixed=model.get_input_embeddings().weight.numel() if untied else 0,
+            max_rank=config.rank, damping=config.damping, statistics=statistics, progress=progress)
     else:
         modules = {name: _resolve_entry(name, module, config) for name, module in targets.items()}
     resolved = replace(config, modules=modules)
@@ -478,8 +495,7 @@ def kroneckerize(
 
     if hasattr(student, "config"):
         student.config.quantization_config = resolved
-    report.total_params_before = count_parameters(model)
-    report.total_params_after = count_parameters(student)
+    total_up(report, model, student, config.budget)
     student.compression_report = report
     student.train(model.training)
     logger.info("kroneckerize report\n" + report.to_markdown())

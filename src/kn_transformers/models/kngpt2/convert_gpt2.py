@@ -36,9 +36,9 @@ from transformers.utils import logging
 
 from .configuration_kngpt2 import KNGPT2_LAYER_MODULES, KnGPT2Config
 from ..architectures import PAPER_PRESETS
-from ...core.report import CompressionReport, ModuleReport, check_layer_indices, count_parameters
+from ...core.report import CompressionReport, ModuleReport, check_layer_indices
 from ...core.config import KroneckerConfig
-from ...core.kroneckerize import calibrate, decompose_module, dense_params_of, plan_budget
+from ...core.kroneckerize import calibrate, decompose_module, plan_model_budget, total_up
 from ...core.factor_search import choose_kronecker_factors
 from ..loading import load_teacher
 from .modeling_kngpt2 import KnGPT2ForSequenceClassification, KnGPT2LMHeadModel
@@ -258,9 +258,10 @@ def kngpt2_from_gpt2(
     if budget is not None:
         KroneckerConfig(budget=budget)  # the one validator of budget values
         untied = tconf.tie_word_embeddings and not config.tie_word_embeddings and "wte" in targets
-        fixed = count_parameters(teacher_lm) - dense_params_of(targets) + (tconf.vocab_size * tconf.n_embd if untied else 0)
-        planned, allowed = plan_budget(targets, budget, fixed_params=fixed, max_rank=overrides.get("rank", 1),
-                                       damping=damping, statistics=statistics, progress=progress)
+        planned, allowed = plan_model_budget(teacher_lm, targets, budget,
+                                             extra_fixed=tconf.vocab_size * tconf.n_embd if untied else 0,
+                                             max_rank=overrides.get("rank", 1), damping=damping,
+                                             statistics=statistics, progress=progress)
         config = kngpt2_config_from_gpt2(
             tconf, None, None, normalize, tie_word_embeddings=config.tie_word_embeddings,
             kronecker_factors={n: {"a_shape": e["a_shape"], "rank": e["rank"]} for n, e in planned.items()})
@@ -322,10 +323,7 @@ def kngpt2_from_gpt2(
     if student.can_generate():
         student.generation_config = copy.deepcopy(teacher_lm.generation_config)
 
-    report.total_params_before = count_parameters(teacher_lm)
-    report.total_params_after = count_parameters(student)
-    if isinstance(budget, int) and report.total_params_after > budget:
-        raise RuntimeError(f"the student has {report.total_params_after:,} parameters, over the budget of {budget:,}")
+    total_up(report, teacher_lm, student, budget)
     logger.info("KnGPT2 conversion report\n" + report.to_markdown())
     student.compression_report = report
     return (student, report) if return_report else student

@@ -32,8 +32,8 @@ from transformers import (
 from ..architectures import BERT_LAYOUT, PAPER_PRESETS
 from .configuration_kronecker_bert import LAYER_MODULES, WORD_EMBEDDINGS, KroneckerBertConfig
 from ...core.config import KroneckerConfig
-from ...core.kroneckerize import _base_prefix, calibrate, decompose_module, dense_params_of, kroneckerize, plan_budget
-from ...core.report import CompressionReport, check_layer_indices, count_parameters
+from ...core.kroneckerize import _base_prefix, calibrate, decompose_module, kroneckerize, plan_model_budget, total_up
+from ...core.report import CompressionReport, check_layer_indices
 from ...core.dispatch import replace_module
 from ...core.factor_search import choose_embedding_factors, choose_kronecker_factors
 from ..loading import load_teacher
@@ -439,10 +439,8 @@ def kronecker_bert_from_bert(
     statistics = calibrate(teacher, targets, init, calibration_data, calibration_samples, progress)
     allowed = None
     if budget is not None:
-        fixed = count_parameters(teacher) - dense_params_of(targets)
-        planned, allowed = plan_budget(targets, budget, fixed_params=fixed,
-                                       max_rank=overrides.get("rank", 1), damping=damping,
-                                       statistics=statistics, progress=progress)
+        planned, allowed = plan_model_budget(teacher, targets, budget, max_rank=overrides.get("rank", 1),
+                                             damping=damping, statistics=statistics, progress=progress)
         config = kronecker_bert_config(teacher.config, preset, target_fraction, **{
             **selection, "kronecker_factors": {n: {"a_shape": e["a_shape"], "rank": e["rank"]}
                                                for n, e in planned.items()}})
@@ -508,10 +506,7 @@ def kronecker_bert_from_bert(
         )
 
     student.train(teacher.training)
-    report.total_params_before = count_parameters(teacher)
-    report.total_params_after = count_parameters(student)
-    if isinstance(budget, int) and report.total_params_after > budget:
-        raise RuntimeError(f"the student has {report.total_params_after:,} parameters, over the budget of {budget:,}")
+    total_up(report, teacher, student, budget)
     logger.info("KroneckerBERT conversion (%s):\n%s", config.kronecker_preset or "custom", report.to_markdown())
     student.compression_report = report
     return (student, report) if return_report else student
