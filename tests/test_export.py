@@ -217,6 +217,22 @@ def test_graph_orders_export_factored_and_match(preset, tmp_path):
         out = sess.run(None, dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=types.numpy()))
         _close(out[0], student(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.detach(), 1e-4)
     assert all(m.order == "auto" for m in student.modules() if isinstance(m, KroneckerLinear))  # restored
+    assert not any(m.bias_last for m in student.modules() if isinstance(m, KroneckerLinear))
+
+
+def test_exported_biases_fuse_in_onnx_runtime(tmp_path):
+    # each Kronecker layer's bias is added after its contraction, in the activations' shape, so ONNX
+    # Runtime fuses it: FFN bias + GELU into BiasGelu, no separate Add of the FFN's 4d-wide bias
+    student = _kbert()
+    path = export_onnx(student, tmp_path)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(str(tmp_path / "optimised.onnx")).graph.node
+    ops = [n.op_type for n in nodes]
+    layers = student.config.num_hidden_layers
+    assert ops.count("BiasGelu") == layers, sorted(set(ops))
+    assert ops.count("SkipLayerNormalization") == 2 * layers
 
 
 def test_onnx_graph_keeps_the_factors(bert_onnx, tmp_path):

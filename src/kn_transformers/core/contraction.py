@@ -120,8 +120,10 @@ KRONECKER_ORDERS = ("b_first", "a_first", "b_first_t", "a_first_t", "b_first_bmm
 
 
 def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x @ (Σ_r A_r ⊗ B_r)ᵀ (+ bias)``, the bias folded into the last step where possible."""
+                bias: Optional[torch.Tensor], bias_last: bool = False) -> torch.Tensor:
+    """``x @ (Σ_r A_r ⊗ B_r)ᵀ (+ bias)``, the bias folded into the last step where possible, or
+    with ``bias_last`` added to the output in ``x``'s shape: the pattern a graph runtime fuses
+    into what follows (ONNX Runtime: bias + GELU, bias + residual + LayerNorm)."""
     _, m1, n1 = A.shape
     _, m2, n2 = B.shape
     shape = x.shape
@@ -133,8 +135,9 @@ def _kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, order: str,
     strategy = _STRATEGY_FNS.get(order)
     if strategy is None:
         raise ValueError(f"order must be 'auto' or one of {KRONECKER_ORDERS}, got {order!r}")
-    y = strategy(x.reshape(N, n1, n2), A, B, bias)
-    return y.reshape(*shape[:-1], m1 * m2)
+    y = strategy(x.reshape(N, n1, n2), A, B, None if bias_last else bias)
+    y = y.reshape(*shape[:-1], m1 * m2)
+    return y + bias if bias_last and bias is not None else y
 
 
 def _b_stage(x3: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,10 @@ class KroneckerLinear(nn.Module):
     number of leading dimensions and never materialises the ``(m, n)`` weight.
     """
 
+    #: add the bias to the output in the input's shape rather than inside the contraction (set by
+    #: ``export_onnx`` so that ONNX Runtime fuses it with the GELU or residual LayerNorm after it)
+    bias_last: bool = False
+
     def __init__(
         self,
         in_features: int,
@@ -140,7 +144,7 @@ class KroneckerLinear(nn.Module):
         return kronecker_to_dense(self.A, self.B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _kron_apply(x, self.A, self.B, self.order, self.bias)
+        return _kron_apply(x, self.A, self.B, self.order, self.bias, self.bias_last)
 
     @classmethod
     def from_dense(

@@ -93,7 +93,8 @@ def _check_opset(opset: int) -> int:
 def _plain_torch_path(model: nn.Module):
     """During export: layers prepared with ``optimize_for_inference`` use the plain contraction (the
     native kernel is not an ONNX op), every Kronecker layer the order for graph runtimes
-    (``graph_contraction_order``), attention transformers' eager implementation; all restored after."""
+    (``graph_contraction_order``) with its bias added last, attention transformers' eager
+    implementation; all restored after."""
     from ..core.contraction import graph_contraction_order
     from ..core.inference import OptimizedKroneckerLinear
 
@@ -110,6 +111,7 @@ def _plain_torch_path(model: nn.Module):
         m.__class__ = KroneckerLinear
     for m in layers:  # no transposes where a form avoids them: what graph runtimes run fast
         m.order = graph_contraction_order(m.A, m.B)
+        m.bias_last = True
     for c in configs:
         c._attn_implementation = "eager"
     model.eval()
@@ -120,6 +122,7 @@ def _plain_torch_path(model: nn.Module):
             m.__class__ = OptimizedKroneckerLinear
         for m, order in zip(layers, orders):
             m.order = order
+            del m.bias_last  # back to the class default
         for c, value in zip(configs, attn):
             c._attn_implementation = value
         model.train(training)
