@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 
@@ -34,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from _study import command_line  # noqa: E402  (benchmarks/_study.py)
 from _tee import cpu_name  # noqa: E402  (benchmarks/_tee.py)
 
 MODELS = ["bert-base", "minilm", "kroneckerbert8", "kroneckerbert21"]
@@ -203,7 +202,7 @@ def main(argv=None):
         result = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
                   "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__,
                   "repeats": args.repeats, "rounds": args.rounds,
-                  "command_line": "HF_HUB_OFFLINE=1 nice -n 15 .venv/bin/python " + shlex.join(sys.argv)}
+                  "command_line": command_line("bench_onnx.py", argv)}
         result.update(latency(args, build_models(), folder))
         if not args.skip_accuracy:
             result["int8_accuracy"] = int8_accuracy(args, folder)
