@@ -57,10 +57,15 @@ def parse_args(argv=None):
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--teacher_lr", type=float, default=5e-5)
     p.add_argument("--teacher_epochs", type=float, default=3)
+    p.add_argument("--recipe_flags", default="",
+                   help="run_glue flags added to the commands with a teacher only (e.g. '--temperature 2'): a candidate "
+                        "change to the recipe, measured against the same labels-alone runs; '' (default): the README "
+                        "command unchanged")
     add_threads_arg(p)
     p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "run_glue_readme.json"))
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    a.recipe_flags = shlex.split(a.recipe_flags)
     return a
 
 
@@ -88,7 +93,7 @@ def main(argv=None) -> dict:
         "study": "run_glue_readme",
         "command": command_line("study_run_glue.py", argv),
         "task": args.task, "train_rows": args.train_rows, "presets": args.presets, "seeds": args.seeds,
-        "readme_flags": " ".join(README_FLAGS),
+        "readme_flags": " ".join(README_FLAGS), "recipe_flags": shlex.join(args.recipe_flags),
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
                         "cpu": cpu_name(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S")},
@@ -109,7 +114,7 @@ def main(argv=None) -> dict:
                 for seed in args.seeds:
                     flags = ["--model_name_or_path", teacher, "--preset", preset, *README_FLAGS, "--seed", str(seed)]
                     if variant == "recipe":
-                        flags += ["--teacher_model_name_or_path", teacher]
+                        flags += ["--teacher_model_name_or_path", teacher, *args.recipe_flags]
                     runs.append(dict(glue(args, os.path.join(tmp, f"{preset}-{variant}-{seed}"), *flags), seed=seed))
                     log(f"{preset} / {variant} / seed {seed}: {runs[-1]['accuracy']:.4f} ({runs[-1]['seconds']:.0f} s)")
                 scores = [r["accuracy"] for r in runs]
