@@ -148,12 +148,15 @@ def test_arguments_presets_and_errors():
                for p in ("kngpt2", "kroneckerbert", "balanced"))
     a = DistillationArguments(output_dir="x", report_to=[], distill_preset="balanced_augmented", hidden_weight=0.5)
     assert (a.mask_augmentation, a.hidden_weight) == (0.25, 0.5)
-    # "recommended": balanced_augmented without the embedding term (unreachable for a factored embedding)
+    # "recommended": balanced_augmented without the embedding term (unreachable for a factored embedding),
+    # the intermediate terms fading out over training
     rec = DistillationArguments(output_dir="x", report_to=[], distill_preset="recommended")
     aug = DistillationArguments(output_dir="x", report_to=[], distill_preset="balanced_augmented")
-    assert rec.embedding_weight == 0.0 and aug.embedding_weight == 1.0
-    assert {k: v for k, v in DISTILLATION_PRESETS["recommended"].items() if k != "embedding_weight"} == {
-        k: v for k, v in DISTILLATION_PRESETS["balanced_augmented"].items() if k != "embedding_weight"}
+    assert (rec.embedding_weight, rec.intermediate_schedule) == (0.0, "linear_decay")
+    assert (aug.embedding_weight, aug.intermediate_schedule) == (1.0, "constant")
+    changed = ("embedding_weight", "intermediate_schedule")
+    assert {k: v for k, v in DISTILLATION_PRESETS["recommended"].items() if k not in changed} == {
+        k: v for k, v in DISTILLATION_PRESETS["balanced_augmented"].items() if k not in changed}
     for bad in (1.0, -0.1, float("nan"), "0.2"):
         with pytest.raises(ValueError, match=r"mask_augmentation must be a number in \[0, 1\)"):
             DistillationArguments(output_dir="x", report_to=[], mask_augmentation=bad)
