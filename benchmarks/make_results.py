@@ -155,6 +155,14 @@ def other_run_title(name: str, d: dict, headline: Optional[dict]) -> str:
             f"{len(b.get('seeds') or [b.get('seed')])} seed(s){extra}")
 
 
+def reproduce_line(d: dict) -> list[str]:
+    """Where a run's command no longer reproduces it at the current code: the commit that does, and why."""
+    if not d.get("reproduce_at"):
+        return []
+    why = f" ({d['reproduce_why']})" if d.get("reproduce_why") else ""
+    return [f"Measured with the code of commit `{d['reproduce_at']}`{why}: its command reproduces it there.", ""]
+
+
 def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -> list[str]:
     """The ablation's tables; ``title`` is the whole heading line (default: the first accuracy section's)."""
     out = [title or "## Accuracy 1: KroneckerBERT ablation (paper Table 6)", ""]
@@ -178,7 +186,7 @@ def ablation_section(d: Optional[dict], chart: Optional[str], title: str = "") -
             "share stage-2 steps, batch, learning rate and seed.", ""]
     if not d.get("complete"):
         out += ["**Partial run**: the JSON was written by an unfinished study; missing rows were not measured.", ""]
-    out += ["Command:", "", "```bash", d["command"], "```", "",
+    out += ["Command:", "", "```bash", d["command"], "```", ""] + reproduce_line(d) + [
             f"Measured wall time: {fmt_s(d.get('wall_seconds'))} (torch threads: {d['environment']['threads']}, "
             f"torch {d['environment']['torch']}, transformers {d['environment']['transformers']}, "
             f"run {d['environment']['date']}).", ""]
@@ -917,11 +925,17 @@ def run_glue_section(d: Optional[dict], title: str = "") -> list[str]:
             f"{env['threads']}, {env['date']}). Teacher: the bundled MiniLM-L6-H384 fine-tuned by `run_glue.py` on the "
             f"first {d['train_rows']:,} {TASK_LABEL.get(d['task'], d['task'])} training rows, dev accuracy {t['accuracy']:.4f}. Each "
             f"student: `{d['readme_flags']}` on the same rows, `--preset P`, with `--teacher_model_name_or_path` "
-            "(every other setting `run_glue`'s default: the recommended recipe) or without it (labels alone); "
+            + (f"and `{d['recipe_flags']}` " if d.get("recipe_flags") else "")
+            + "(every other setting `run_glue`'s default: the recommended recipe) "
+            + "or without it (labels alone); "
             f"seeds {d['seeds']}, mean ± standard deviation of the dev accuracy"
             + (f" (majority class {majority:.4f})." if majority is not None else "."), ""]
     if not d.get("complete"):
         out += ["**Partial run**: missing rows were not measured.", ""]
+    if d.get("reproduce_why"):  # (the commit alone is in the earlier-command titles)
+        out += reproduce_line(d)
+    if d.get("note"):
+        out += [d["note"], ""]
     out += ["| preset | recipe (with teacher) | labels alone | difference | two standard errors | retention (recipe) |",
             "|---|---|---|---|---|---|"]
     for preset, v in d["students"].items():
@@ -981,6 +995,10 @@ def main(argv=None) -> str:
         d = load(os.path.join(args.results_dir, name))
         at = f" (the study as of commit {d['reproduce_at']})" if d.get("reproduce_at") else ""
         doc += run_glue_section(d, title=f"### Earlier README command: {d['train_rows']:,} rows, `{d['readme_flags']}`{at}")
+    # the same command over more seeds (run_glue_seeds_*.json), where three could not resolve the difference
+    for name in sorted(f for f in os.listdir(args.results_dir) if f.startswith("run_glue_seeds_") and f.endswith(".json")):
+        d = load(os.path.join(args.results_dir, name))
+        doc += run_glue_section(d, title=f"### Later run: the README command over {len(d['seeds'])} seeds (`{name}`)")
     reading = []
     for n, a in abls:
         r = ablation_reading(a)
