@@ -932,8 +932,7 @@ def run_glue_section(d: Optional[dict], title: str = "") -> list[str]:
             + (f" (majority class {majority:.4f})." if majority is not None else "."), ""]
     if not d.get("complete"):
         out += ["**Partial run**: missing rows were not measured.", ""]
-    if d.get("reproduce_why"):  # (the commit alone is in the earlier-command titles)
-        out += reproduce_line(d)
+    out += reproduce_line(d)
     if d.get("note"):
         out += [d["note"], ""]
     out += ["| preset | recipe (with teacher) | labels alone | difference | two standard errors | retention (recipe) |",
@@ -993,8 +992,7 @@ def main(argv=None) -> str:
     # earlier README commands (run_glue_readme_*.json): what a user got before the example changed
     for name in sorted(f for f in os.listdir(args.results_dir) if f.startswith("run_glue_readme_") and f.endswith(".json")):
         d = load(os.path.join(args.results_dir, name))
-        at = f" (the study as of commit {d['reproduce_at']})" if d.get("reproduce_at") else ""
-        doc += run_glue_section(d, title=f"### Earlier README command: {d['train_rows']:,} rows, `{d['readme_flags']}`{at}")
+        doc += run_glue_section(d, title=f"### Earlier README command: {d['train_rows']:,} rows, `{d['readme_flags']}`")
     # the same command over more seeds (run_glue_seeds_*.json), where three could not resolve the difference
     for name in sorted(f for f in os.listdir(args.results_dir) if f.startswith("run_glue_seeds_") and f.endswith(".json")):
         d = load(os.path.join(args.results_dir, name))
