@@ -147,6 +147,8 @@ def other_run_title(name: str, d: dict, headline: Optional[dict]) -> str:
     extra = ""
     if headline and b.get("presets") != headline["budgets"].get("presets"):
         extra += f", {' and '.join(b['presets'])} only"
+    if b.get("keep_dense"):
+        extra += f", {' and '.join(f'`{m}`' for m in b['keep_dense'])} kept dense"
     for key, unit in (("train_rows", "training rows"), ("student_steps", "student steps")):
         if headline and b.get(key) != headline["budgets"].get(key):
             extra += ", " + ", ".join(f"{TASK_LABEL.get(t, t)} {n:,} {unit}" for t, n in b[key].items())

@@ -54,7 +54,12 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import kn_transformers  # noqa: E402
-from kn_transformers import DistillationArguments, ILKDTrainer, kronecker_bert_from_bert  # noqa: E402
+from kn_transformers import (  # noqa: E402
+    DistillationArguments,
+    ILKDTrainer,
+    kronecker_bert_config,
+    kronecker_bert_from_bert,
+)
 from kn_transformers.core.report import count_parameters  # noqa: E402
 from kn_transformers.recipes.glue import get_task, glue_metrics  # noqa: E402
 from kn_transformers.recipes.students import calibration_kwargs  # noqa: E402
@@ -105,6 +110,9 @@ def parse_args(argv=None):
                         "teacher")
     p.add_argument("--stage1_init", default="svd", choices=["svd", "activation"],
                    help="the stage-1 student's init: SVD, or activation-aware on --calibration_samples text blocks")
+    p.add_argument("--keep_dense", nargs="*", default=[],
+                   help="modules every student keeps dense, as named in the preset's kronecker_factors (e.g. "
+                        "embeddings.word_embeddings: what the factored embedding costs)")
     p.add_argument("--calibration_samples", type=int, default=128)
     p.add_argument("--stage1_steps", type=int, default=300)
     p.add_argument("--stage1_batch_size", type=int, default=16)
@@ -270,13 +278,26 @@ def heldout_distillation_loss(trainer, blocks, batch_size: int) -> dict:
     return out
 
 
+def dense_overrides(args, teacher, preset: str) -> dict:
+    """The converter's override that keeps ``--keep_dense`` modules dense (none by default)."""
+    if not args.keep_dense:
+        return {}
+    known = kronecker_bert_config(teacher.config, preset).kronecker_factors
+    unknown = [m for m in args.keep_dense if m not in known]
+    if unknown:
+        raise SystemExit(f"--keep_dense: {preset} compresses no module {unknown}; "
+                         f"it compresses e.g. {sorted(known)[:3]}")
+    return {"kronecker_factors": {m: None for m in args.keep_dense}}
+
+
 def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_blocks, results) -> dict:
     """General distillation of the pretrained encoder; returns the student's encoder state dict."""
     set_seed(args.seed)
     teacher = BertModel.from_pretrained(teacher_path)
     # activation-aware: calibrated on training blocks, never the held-out ones
     init = calibration_kwargs(args.stage1_init, train_blocks, args.calibration_samples, default_data_collator)
-    student = kronecker_bert_from_bert(teacher, preset=preset, head="base", progress=False, **init)
+    student = kronecker_bert_from_bert(teacher, preset=preset, head="base", progress=False, **init,
+                                       **dense_overrides(args, teacher, preset))
     dargs = training_args(DistillationArguments, args, f"stage1-{preset}", args.stage1_steps, args.stage1_lr,
                           args.stage1_batch_size, distill_preset=args.stage1_preset, logits_weight=0.0,
                           labels_weight=0.0, _sampling="random")
@@ -392,7 +413,8 @@ def train_student(args, task, preset, variant, seed, teacher, teacher_score, tra
     # stage1+ILKD's encoder is replaced by its stage-1 state below; the others calibrate on training rows, never dev
     init = {} if variant == "stage1+ILKD" else calibration_kwargs(
         args.labels_init if variant == "labels" else args.init, train_set, args.calibration_samples, collate)
-    student = kronecker_bert_from_bert(teacher, preset=preset, progress=False, **init)
+    student = kronecker_bert_from_bert(teacher, preset=preset, progress=False, **init,
+                                       **dense_overrides(args, teacher, preset))
     if variant == "stage1+ILKD":
         missing, unexpected = student.bert.load_state_dict(stage1_states[preset], strict=False)
         bad = [k for k in missing if not k.startswith("pooler.")] + list(unexpected)
@@ -451,7 +473,7 @@ def main(argv=None) -> dict:
             "tasks", "presets", "train_rows", "max_length", "batch_size", "teacher_steps", "student_steps",
             "teacher_lr", "student_lr", "stage2_preset", "stage1_preset", "stage2_weights", "stage1_steps", "stage1_batch_size", "stage1_block_size", "stage1_lr",
             "stage1_holdout", "stage1_eval_blocks", "seed", "seeds", "teacher_eval_every", "teacher_patience",
-            "teacher_val_rows", "teachers_only", "init", "labels_init", "stage1_init", "calibration_samples")},
+            "teacher_val_rows", "teachers_only", "init", "labels_init", "stage1_init", "calibration_samples", "keep_dense")},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                         "kn_transformers": kn_transformers.__version__, "threads": torch.get_num_threads(),
                         "cpus": os.cpu_count(), "python": platform.python_version(),
