@@ -136,6 +136,10 @@ def ablation_chart(d: dict, path: str) -> Optional[str]:
 HEADLINE_ABLATIONS = ("kroneckerbert8_ablation_sst2_recommended", "kroneckerbert21_ablation_sst2_recommended")
 
 
+#: the README command's study (``study_run_glue.py``), one per preset; without them ``run_glue_readme.json``
+README_COMMAND_RUNS = ("run_glue_readme_kroneckerbert8", "run_glue_readme_kroneckerbert21")
+
+
 def headline_reference(headlines: list[dict]) -> Optional[dict]:
     """What the other runs' titles are compared with: the first headline study's budgets, with the
     presets of all of them and the date of the earliest."""
@@ -1006,9 +1010,18 @@ def main(argv=None) -> str:
     init = load(os.path.join(args.results_dir, "init_study.json"))
     init_png = init_chart(init, os.path.join(args.results_dir, "init_study.png")) if init else None
     doc += init_section(init, init_png)
-    doc += run_glue_section(load(os.path.join(args.results_dir, "run_glue_readme.json")))
+    readme_runs = [n for n in README_COMMAND_RUNS if os.path.exists(os.path.join(args.results_dir, n + ".json"))]
+    if readme_runs:
+        doc += ["## Accuracy 3: the README's `kn-transformers glue` command, as a user runs it", "",
+                "One study per preset (the same command but for `--presets`), so that each fits a study's budget.", ""]
+        for n in readme_runs:
+            d = load(os.path.join(args.results_dir, n + ".json"))
+            doc += run_glue_section(d, title=f"### {' and '.join(f'`{p}`' for p in d['presets'])} (`{n}.json`)")
+    else:
+        doc += run_glue_section(load(os.path.join(args.results_dir, "run_glue_readme.json")))
     # earlier README commands (run_glue_readme_*.json): what a user got before the example changed
-    for name in sorted(f for f in os.listdir(args.results_dir) if f.startswith("run_glue_readme_") and f.endswith(".json")):
+    for name in sorted(f for f in os.listdir(args.results_dir) if f.startswith("run_glue_readme_") and f.endswith(".json")
+                       and f[:-5] not in README_COMMAND_RUNS):
         d = load(os.path.join(args.results_dir, name))
         doc += run_glue_section(d, title=f"### Earlier README command: {d['train_rows']:,} rows, `{d['readme_flags']}`")
     # the same command over more seeds (run_glue_seeds_*.json), where three could not resolve the difference
