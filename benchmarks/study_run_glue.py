@@ -14,7 +14,10 @@ uses by default) against the same command without one (labels alone), over seeds
    command without ``--teacher_model_name_or_path`` (labels alone, the same defaults otherwise).
 3. Everything is scored on the 872 SST-2 dev sentences (``eval_results.json``).
 
-Writes ``benchmarks/results/run_glue_readme.json``; ``make_results.py`` reports it.
+Writes ``--output`` (default ``benchmarks/results/run_glue_readme.json``). The recorded runs are one
+study per preset (``--presets kroneckerbert8 --output .../run_glue_readme_kroneckerbert8.json``, the
+same for ``kroneckerbert21``: each fits a study's budget); ``make_results.py`` reports those, and the
+default file only where they are absent.
 """
 
 from __future__ import annotations
