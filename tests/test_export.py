@@ -353,6 +353,32 @@ def test_int8_quantisation_is_smaller_and_close(bert_onnx, tmp_path):
     assert np.abs(int8 - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3  # int8 weights: close, not equal
 
 
+def test_int8_quantises_each_layers_large_factor_and_keeps_the_factored_form(tmp_path):
+    # factors of 64x64 (and 2x2, 8x2): the exported graph reshapes and transposes them in-graph, so
+    # without folding them first the quantiser would quantise only the 2x2 / 8x2 stages
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(BertConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, vocab_size=VOCAB,
+        max_position_embeddings=40)).eval()
+    student = K.kronecker_bert_from_bert(teacher, preset="kroneckerbert8", progress=False).eval()
+    path = export_onnx(student, tmp_path / "m.onnx")
+    q = quantize_onnx(path)
+    graph = onnx.load(str(q))
+    int8 = {t.name: tuple(t.dims) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    quantized = {n.input[1]: int8[n.input[1]] for n in graph.graph.node
+                 if n.op_type == "MatMulInteger" and n.input[1] in int8}
+    layers = [m for m in student.modules() if isinstance(m, K.KroneckerLinear)]
+    large = {tuple(sorted(max(m.A, m.B, key=torch.numel).shape[1:])) for m in layers}
+    assert large == {(64, 64)}
+    assert len(quantized) >= len(layers)  # every layer's large factor multiplies in int8 (and the pooler)
+    assert all(min(dims) >= 32 for dims in quantized.values())  # the 2x2 / 8x2 stages stay fp32
+    check_factored_graph(graph, student)  # int8 factors, no full matrix
+    ids, mask = _ids(3, 12)
+    feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=np.zeros_like(ids.numpy()))
+    fp32, out = _session(path).run(None, feeds)[0], _session(q).run(None, feeds)[0]
+    assert np.abs(out - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3
+
+
 def test_export_bad_input(tmp_path):
     student = _kbert()
     torch.manual_seed(0)
@@ -368,6 +394,9 @@ def test_export_bad_input(tmp_path):
         export_onnx(student, tmp_path / "m.onnx", opset=11)
     with pytest.raises(FileNotFoundError, match="no ONNX file"):
         quantize_onnx(tmp_path / "missing.onnx")
+    path = export_onnx(student, tmp_path / "ok.onnx")
+    with pytest.raises(ValueError, match="min_weight_dim must be an integer >= 1, got 0"):
+        quantize_onnx(path, min_weight_dim=0)
 
 
 def test_cli_export_dense_and_onnx(tmp_path, capsys):

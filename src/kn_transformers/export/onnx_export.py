@@ -23,6 +23,7 @@ import collections
 import contextlib
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -36,7 +37,7 @@ from .merge import dense_class_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ONNX_ARCHITECTURES", "export_onnx", "quantize_onnx", "check_factored_graph"]
+__all__ = ["ONNX_ARCHITECTURES", "QUANTIZE_MIN_DIM", "export_onnx", "quantize_onnx", "check_factored_graph"]
 
 #: model type of the dense architecture -> how its graph is exported ("causal": decoder with
 #: a KV cache; "encoder": bidirectional, optional token types). Each entry is tested on a tiny
@@ -258,19 +259,58 @@ def _too_big_for_one_file(model: nn.Module) -> bool:
     return size > 1_800_000_000  # protobuf's 2 GB limit on one message
 
 
-def quantize_onnx(path: Union[str, os.PathLike], output: Optional[Union[str, os.PathLike]] = None) -> Path:
+#: ``quantize_onnx`` quantises a matmul only when its weight has at least this many rows and columns:
+#: below that the per-call quantisation of the activations costs more than the int8 product saves
+#: (the Kronecker graphs' ``B 2×2`` / ``A 16×2`` stages: ``benchmarks/bench_onnx.py``)
+QUANTIZE_MIN_DIM = 32
+
+
+def quantize_onnx(path: Union[str, os.PathLike], output: Optional[Union[str, os.PathLike]] = None, *,
+                  min_weight_dim: int = QUANTIZE_MIN_DIM) -> Path:
     """ONNX Runtime dynamic int8 quantisation (weights int8, activations quantised per call) of the
-    graph at ``path``; writes ``output`` (default: ``<name>.int8.onnx`` beside it) and returns it."""
+    graph at ``path``; writes ``output`` (default: ``<name>.int8.onnx`` beside it) and returns it.
+
+    The graph is first pre-processed as ONNX Runtime recommends for quantisation (its basic graph
+    optimisations, constant folding included), so that each matmul of a Kronecker factor reads the
+    factor as a constant in the layout it multiplies by (the export reshapes and transposes the
+    factors inside the graph, which the quantiser does not look through: it would otherwise quantise
+    only the tiny matmuls). Matmuls whose weight has fewer than ``min_weight_dim`` rows or columns
+    stay fp32.
+    """
     try:
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
-        raise ImportError("quantize_onnx needs onnxruntime: pip install 'kn-transformers[export]'") from None
+        raise ImportError("quantize_onnx needs onnx and onnxruntime: pip install 'kn-transformers[export]'") from None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
+    if not isinstance(min_weight_dim, int) or isinstance(min_weight_dim, bool) or min_weight_dim < 1:
+        raise ValueError(f"min_weight_dim must be an integer >= 1, got {min_weight_dim!r}")
     output = Path(output) if output is not None else path.with_name(path.stem + ".int8.onnx")
     output = _check_output_path(output)
-    quantize_dynamic(str(path), str(output), weight_type=QuantType.QInt8)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = Path(tmp) / "folded.onnx"
+        quant_pre_process(str(path), str(folded), skip_symbolic_shape=True, save_as_external_data=external,
+                          all_tensors_to_one_file=True)
+        model = onnx.load(str(folded))
+        weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        keep_fp32, names = [], set()
+        for i, node in enumerate(model.graph.node):
+            if not node.name or node.name in names:  # the quantiser selects nodes by (unique) name
+                node.name = f"{node.op_type}_kn{i}"
+            names.add(node.name)
+            if node.op_type in ("MatMul", "Gemm"):
+                dims = weights.get(node.input[1], ())
+                if len(dims) != 2 or min(dims) < min_weight_dim:
+                    # dynamic quantisation first rewrites a Gemm as MatMul "<name>_MatMul" + Add
+                    keep_fp32 += [node.name, node.name + "_MatMul"] if node.op_type == "Gemm" else [node.name]
+        onnx.save(model, str(folded), save_as_external_data=external, all_tensors_to_one_file=True)
+        quantize_dynamic(str(folded), str(output), weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32,
+                         use_external_data_format=external)
     return output
 
 
