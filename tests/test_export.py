@@ -379,6 +379,20 @@ def test_int8_quantises_each_layers_large_factor_and_keeps_the_factored_form(tmp
     assert np.abs(out - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3
 
 
+def test_int8_of_a_graph_with_external_weights(bert_onnx, tmp_path):
+    # graphs over protobuf's 2 GB keep their weights beside the .onnx file: the int8 graph does too
+    student, path = bert_onnx
+    onnx.save(onnx.load(str(path)), str(tmp_path / "m.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=1024)
+    q = quantize_onnx(tmp_path / "m.onnx")
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL
+               for t in onnx.load(str(q), load_external_data=False).graph.initializer)
+    ids, mask = _ids(2, 8)
+    feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=np.zeros_like(ids.numpy()))
+    fp32, int8 = _session(path).run(None, feeds)[0], _session(q).run(None, feeds)[0]
+    assert np.abs(int8 - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3
+
+
 def test_export_bad_input(tmp_path):
     student = _kbert()
     torch.manual_seed(0)
