@@ -411,6 +411,12 @@ def test_export_bad_input(tmp_path):
     path = export_onnx(student, tmp_path / "ok.onnx")
     with pytest.raises(ValueError, match="min_weight_dim must be an integer >= 1, got 0"):
         quantize_onnx(path, min_weight_dim=0)
+    # every tensor external, shape constants included: ONNX Runtime cannot load it, so nothing is folded
+    onnx.save(onnx.load(str(path)), str(tmp_path / "bad.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="bad.onnx.data", size_threshold=0)
+    with pytest.raises(RuntimeError, match="ONNX Runtime could not pre-process .*bad.onnx") as exc:
+        quantize_onnx(tmp_path / "bad.onnx")
+    assert "\n" not in str(exc.value)
 
 
 def test_cli_export_dense_and_onnx(tmp_path, capsys):

@@ -259,6 +259,17 @@ def _too_big_for_one_file(model: nn.Module) -> bool:
     return size > 1_800_000_000  # protobuf's 2 GB limit on one message
 
 
+class _ErrorRecords(logging.Handler):
+    """Collects the messages of the error records it receives."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 #: ``quantize_onnx`` quantises a matmul only when its weight has at least this many rows and columns:
 #: below that the per-call quantisation of the activations costs more than the int8 product saves
 #: (the Kronecker graphs' ``B 2×2`` / ``A 16×2`` stages: ``benchmarks/bench_onnx.py``)
@@ -294,8 +305,18 @@ def quantize_onnx(path: Union[str, os.PathLike], output: Optional[Union[str, os.
                    for t in onnx.load(str(path), load_external_data=False).graph.initializer)
     with tempfile.TemporaryDirectory() as tmp:
         folded = Path(tmp) / "folded.onnx"
-        quant_pre_process(str(path), str(folded), skip_symbolic_shape=True, save_as_external_data=external,
-                          all_tensors_to_one_file=True)
+        errors = _ErrorRecords()
+        pre_logger = logging.getLogger(quant_pre_process.__module__)
+        pre_logger.addHandler(errors)
+        try:  # it logs a failed optimisation and goes on without it: the int8 graph would keep fp32 factors
+            quant_pre_process(str(path), str(folded), skip_symbolic_shape=True, save_as_external_data=external,
+                              all_tensors_to_one_file=True)
+        finally:
+            pre_logger.removeHandler(errors)
+        if errors.messages:
+            cause = errors.messages[-1].strip().splitlines()[-1]  # the traceback's last line
+            raise RuntimeError(f"quantize_onnx: ONNX Runtime could not pre-process {str(path)!r} ({cause}); "
+                               "check that the graph loads in onnxruntime")
         model = onnx.load(str(folded))
         weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
         keep_fp32, names = [], set()
