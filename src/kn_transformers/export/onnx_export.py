@@ -318,21 +318,29 @@ def quantize_onnx(path: Union[str, os.PathLike], output: Optional[Union[str, os.
             raise RuntimeError(f"quantize_onnx: ONNX Runtime could not pre-process {str(path)!r} ({cause}); "
                                "check that the graph loads in onnxruntime")
         model = onnx.load(str(folded))
-        weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
-        keep_fp32, names = [], set()
-        for i, node in enumerate(model.graph.node):
-            if not node.name or node.name in names:  # the quantiser selects nodes by (unique) name
-                node.name = f"{node.op_type}_kn{i}"
-            names.add(node.name)
-            if node.op_type in ("MatMul", "Gemm"):
-                dims = weights.get(node.input[1], ())
-                if len(dims) != 2 or min(dims) < min_weight_dim:
-                    # dynamic quantisation first rewrites a Gemm as MatMul "<name>_MatMul" + Add
-                    keep_fp32 += [node.name, node.name + "_MatMul"] if node.op_type == "Gemm" else [node.name]
+        keep_fp32 = _small_matmuls(model, min_weight_dim)
         onnx.save(model, str(folded), save_as_external_data=external, all_tensors_to_one_file=True)
         quantize_dynamic(str(folded), str(output), weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32,
                          use_external_data_format=external)
     return output
+
+
+def _small_matmuls(model, min_weight_dim: int) -> list[str]:
+    """Names of the MatMul / Gemm nodes of ``model`` (an ``onnx.ModelProto``, renamed in place so that
+    every node has a unique name: the quantiser selects nodes by name) whose weight is not a 2-D
+    constant with both dimensions ``>= min_weight_dim``."""
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    small, names = [], set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in names:
+            node.name = f"{node.op_type}_kn{i}"
+        names.add(node.name)
+        if node.op_type in ("MatMul", "Gemm"):
+            dims = weights.get(node.input[1], ())
+            if len(dims) != 2 or min(dims) < min_weight_dim:
+                # dynamic quantisation first rewrites a Gemm as MatMul "<name>_MatMul" + Add
+                small += [node.name, node.name + "_MatMul"] if node.op_type == "Gemm" else [node.name]
+    return small
 
 
 def check_factored_graph(onnx_model, model: nn.Module) -> None:
