@@ -343,14 +343,19 @@ def test_export_of_an_optimised_model_takes_the_plain_path(tmp_path):
     _close(out, student(input_ids=ids, attention_mask=mask, token_type_ids=types).logits.detach(), 1e-4)
 
 
+def _assert_int8_close(fp32_path, int8_path, batch, length):
+    """The encoder's int8 graph gives the fp32 graph's outputs in real ORT sessions, to int8 precision."""
+    ids, mask = _ids(batch, length)
+    feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=np.zeros_like(ids.numpy()))
+    fp32, int8 = _session(fp32_path).run(None, feeds)[0], _session(int8_path).run(None, feeds)[0]
+    assert np.abs(int8 - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3  # int8 weights: close, not equal
+
+
 def test_int8_quantisation_is_smaller_and_close(bert_onnx, tmp_path):
     student, path = bert_onnx
     q = quantize_onnx(path, tmp_path / "q.onnx")
     assert q.stat().st_size < path.stat().st_size
-    ids, mask = _ids(4, 16)
-    feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=np.zeros_like(ids.numpy()))
-    fp32, int8 = _session(path).run(None, feeds)[0], _session(q).run(None, feeds)[0]
-    assert np.abs(int8 - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3  # int8 weights: close, not equal
+    _assert_int8_close(path, q, 4, 16)
 
 
 def test_int8_quantises_each_layers_large_factor_and_keeps_the_factored_form(tmp_path):
@@ -373,10 +378,7 @@ def test_int8_quantises_each_layers_large_factor_and_keeps_the_factored_form(tmp
     assert len(quantized) >= len(layers)  # every layer's large factor multiplies in int8 (and the pooler)
     assert all(min(dims) >= 32 for dims in quantized.values())  # the 2x2 / 8x2 stages stay fp32
     check_factored_graph(graph, student)  # int8 factors, no full matrix
-    ids, mask = _ids(3, 12)
-    feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=np.zeros_like(ids.numpy()))
-    fp32, out = _session(path).run(None, feeds)[0], _session(q).run(None, feeds)[0]
-    assert np.abs(out - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3
+    _assert_int8_close(path, q, 3, 12)
 
 
 def test_int8_of_a_graph_with_external_weights(bert_onnx, tmp_path):
@@ -387,10 +389,7 @@ def test_int8_of_a_graph_with_external_weights(bert_onnx, tmp_path):
     q = quantize_onnx(tmp_path / "m.onnx")
     assert any(t.data_location == onnx.TensorProto.EXTERNAL
                for t in onnx.load(str(q), load_external_data=False).graph.initializer)
-    ids, mask = _ids(2, 8)
-    feeds = dict(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=np.zeros_like(ids.numpy()))
-    fp32, int8 = _session(path).run(None, feeds)[0], _session(q).run(None, feeds)[0]
-    assert np.abs(int8 - fp32).max() <= 0.1 * np.abs(fp32).max() + 1e-3
+    _assert_int8_close(path, q, 2, 8)
 
 
 def test_export_bad_input(tmp_path):
